@@ -1,0 +1,31 @@
+# Two entry points (see README): `make repro` runs the main job, `make test` runs the suite.
+# Both create .venv on first use and reinstall when pyproject.toml changes.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# torch first: its wheel decides the CUDA/CPU flavour; override on GPU machines if needed.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install repro test perf clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+repro: $(STAMP)
+	PATH="$(abspath $(VENV))/bin:$$PATH" dvc repro
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+perf: $(STAMP)
+	$(PY) -m benchmarks.perf all
+
+clean-venv:
+	rm -rf $(VENV)

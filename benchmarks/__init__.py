@@ -1,0 +1,1 @@
+"""Datasets, class splits, episode sampling, classifiers, reports and performance benchmarks."""
