@@ -102,6 +102,7 @@ class SeedResult:
     stop_reason: str              # "iterations" | "early_stop"
     history: list[dict] = field(default_factory=list)  # per evaluated iteration: total/semantic/appearance/lr
     seconds: float = 0.0
+    extras: dict = field(default_factory=dict)         # method-specific facts for the record
 
 
 def semantic_distance(embeds: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
