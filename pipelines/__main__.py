@@ -87,7 +87,8 @@ def _parse_value(cls, key: str, text: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     if key not in fields:
         raise ValueError(f"unknown setting {key!r}; expected one of {sorted(fields)}")
-    hint = str(typing.get_type_hints(cls)[key])
+    hint = typing.get_type_hints(cls)[key]
+    hint = hint.__name__ if isinstance(hint, type) else str(hint)
     if text.lower() in ("none", "null") and "None" in hint:
         return None
     if hint.startswith("tuple"):
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             method.name, args.prompt, args.refs, args.out, args.num_images, settings, args.seed,
             preset=args.preset, model=args.model, image_encoder=args.image_encoder, device=args.device,
             dtype=args.dtype, cache_dir=args.cache_dir, progress=not args.no_progress)
-    except (FileNotFoundError, NotADirectoryError, ValueError, TypeError, NonFiniteLossError) as e:
+    except (FileNotFoundError, NotADirectoryError, ValueError, NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{len(records)} image(s) of {args.prompt!r} in {args.out} "
