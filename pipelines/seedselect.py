@@ -192,7 +192,8 @@ class SeedSelectPipeline(ConceptPipeline):
             values = total.detach().cpu().tolist()
             for j, i in enumerate(active):
                 history[i].append({"iteration": it, "total": values[j], "lr": lr if not evaluate_only else None,
-                                   "semantic": float(out["semantic"][j]), "appearance": float(out["appearance"][j])})
+                                   "semantic": float(out["semantic"][j].detach()),
+                                   "appearance": float(out["appearance"][j].detach())})
                 if values[j] < best_loss[i]:
                     best_loss[i], best_iter[i] = values[j], it
                     best_seed[i] = params[i].detach().cpu().clone()
