@@ -1,0 +1,155 @@
+"""SeedSelect cost on CPU with tiny random models (no network).
+
+* ``iteration_over_sampling``: seconds of one SeedSelect iteration (differentiable DDIM chain with
+  every UNet call checkpointed, last-k decodes + CLIP, backward, AdamW step) over one plain generation
+  (no-grad DDIM chain + one decode), same steps, guidance and batch. The floor of
+  forward + recompute + backward is ~4.
+* ``peak_mem_ratio_50_over_10``: peak resident memory of a process doing one SeedSelect iteration
+  with 50 vs 10 differentiable steps (one fresh subprocess per setting, ``ru_maxrss``). The bench
+  model is sized so that one step's activations are large next to the weights; the same ratio
+  without checkpointing is printed for contrast, plus each run's growth above the loaded baseline.
+  Children run with a fixed glibc mmap threshold (``MALLOC_MMAP_THRESHOLD_=65536``): glibc's dynamic
+  threshold otherwise serves the recomputed activations of later steps from a fragmented heap that
+  RSS never gives back, which measures the allocator rather than what the optimisation keeps alive;
+  the checkpointed ratio under the default allocator is printed too (``..._default_malloc``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--steps", type=int, default=20, help="DDIM steps for the timing ratio")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--latent-size", type=int, default=24, help="bench latent size (images 4x larger)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable on a shared CPU)")
+    parser.add_argument("--memory-steps", type=int, nargs=2, default=[10, 50])
+    parser.add_argument("--skip-memory", action="store_true")
+
+
+def _bench_sizes(latent_size: int):
+    from pipelines.testing import TinySizes
+
+    return TinySizes(latent_size=latent_size, unet_channels=(64, 128), vae_channels=(32, 64, 64), clip_size=64)
+
+
+def _setup(latent_size: int, threads: int):
+    import torch
+
+    torch.set_num_threads(threads)
+    from pipelines.components import ReferenceEncodings
+    from pipelines.seedselect import SeedSelectPipeline
+    from pipelines.testing import tiny_components
+
+    pipe = SeedSelectPipeline.from_components(tiny_components(_bench_sizes(latent_size)))
+    g = torch.Generator().manual_seed(0)
+    d = pipe.image_encoder.config.projection_dim
+    enc = ReferenceEncodings(clip=torch.randn(3, d, generator=g), latents=torch.randn(3, *pipe.latent_shape, generator=g))
+    return pipe, pipe.targets_for("a photo of a tiger cat", enc, 1)
+
+
+def _iteration(pipe, targets, settings, seed):
+    """One optimisation iteration: forward, backward, AdamW step (what ``optimize`` does per iteration)."""
+    import torch
+
+    opt = torch.optim.AdamW([seed], lr=settings.lr, weight_decay=settings.weight_decay)
+    out = pipe.compute_losses(seed[None], targets, settings, 0)
+    out["total"].sum().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _timing(args) -> dict:
+    import torch
+
+    from pipelines.components import decode_latents, denoise, random_seeds
+    from pipelines.seedselect import SeedSelectSettings
+
+    pipe, targets = _setup(args.latent_size, args.threads)
+    settings = SeedSelectSettings(num_inference_steps=args.steps)
+    seed = torch.nn.Parameter(random_seeds(pipe.latent_shape, [0])[0])
+
+    def sample():
+        with torch.no_grad():
+            cond, uncond = pipe.encode_prompt("a photo of a tiger cat", 1, settings.guidance_scale)
+            z0 = denoise(pipe, seed.detach()[None], cond, uncond, settings.guidance_scale, args.steps)[-1]
+            decode_latents(pipe, z0)
+
+    def timed(fn):
+        fn()  # warm-up
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    t_sample = timed(sample)
+    t_iter = timed(lambda: _iteration(pipe, targets, settings, seed))
+    return {"sampling_seconds": round(t_sample, 4), "iteration_seconds": round(t_iter, 4),
+            "iteration_over_sampling": round(t_iter / t_sample, 3), "steps": args.steps,
+            "guidance_scale": settings.guidance_scale, "image_size": pipe.image_size,
+            "latent_shape": list(pipe.latent_shape), "unet_params": sum(p.numel() for p in pipe.unet.parameters())}
+
+
+def child(latent_size: int, threads: int, steps: int, checkpoint: bool) -> None:
+    """Subprocess body: load, note RSS, run one iteration, print RSS baseline and peak (MiB)."""
+    import resource
+
+    import torch
+
+    from pipelines.components import random_seeds
+    from pipelines.seedselect import SeedSelectSettings
+
+    pipe, targets = _setup(latent_size, threads)
+    settings = SeedSelectSettings(num_inference_steps=steps, gradient_checkpointing=checkpoint,
+                                  checkpoint_decoder=checkpoint)
+    seed = torch.nn.Parameter(random_seeds(pipe.latent_shape, [0])[0])
+    page = resource.getpagesize()
+    loaded = int(Path("/proc/self/statm").read_text().split()[1]) * page / 2**20
+    loaded_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    _iteration(pipe, targets, settings, seed)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"loaded_mib": loaded, "loaded_peak_mib": loaded_peak, "peak_mib": peak}))
+
+
+def _peak(args, steps: int, checkpoint: bool, fixed_mmap_threshold: bool = True) -> dict:
+    code = (f"from benchmarks.perf.seedselect import child; "
+            f"child({args.latent_size}, {args.threads}, {steps}, {checkpoint})")
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    if fixed_mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    else:
+        env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory child failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run(args) -> dict:
+    result = _timing(args)
+    if not args.skip_memory:
+        lo, hi = args.memory_steps
+        mem = {}
+        for ckpt in (True, False):
+            a, b = _peak(args, lo, ckpt), _peak(args, hi, ckpt)
+            tag = "" if ckpt else "_no_checkpointing"
+            mem[f"peak_mem_ratio_{hi}_over_{lo}{tag}"] = round(b["peak_mib"] / a["peak_mib"], 3)
+            mem[f"peak_mib_{lo}_steps{tag}"] = round(a["peak_mib"], 1)
+            mem[f"peak_mib_{hi}_steps{tag}"] = round(b["peak_mib"], 1)
+            mem[f"growth_over_loaded_mib_{lo}_steps{tag}"] = round(a["peak_mib"] - a["loaded_mib"], 1)
+            mem[f"growth_over_loaded_mib_{hi}_steps{tag}"] = round(b["peak_mib"] - b["loaded_mib"], 1)
+        a, b = _peak(args, lo, True, False), _peak(args, hi, True, False)
+        mem[f"peak_mem_ratio_{hi}_over_{lo}_default_malloc"] = round(b["peak_mib"] / a["peak_mib"], 3)
+        result.update(mem)
+    return result
