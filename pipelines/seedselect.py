@@ -228,6 +228,16 @@ class SeedSelectPipeline(ConceptPipeline):
         emb = encode_prompts(self, [prompt])[0].to(self.compute_dtype)
         return [Target.from_encodings(encodings, emb)] * count
 
+    def class_targets(self, prompts: Sequence[str], encodings: Sequence[ReferenceEncodings],
+                      labels: Sequence[int]) -> list[Target]:
+        """Targets for seeds of several classes optimised together (the contrastive semantic loss):
+        seed b pulls towards class ``labels[b]`` and away from the other classes' centroids."""
+        if len(prompts) != len(encodings):
+            raise ValueError(f"{len(prompts)} prompts but {len(encodings)} reference sets")
+        emb = encode_prompts(self, list(prompts)).to(self.compute_dtype)
+        centroids = torch.stack([e.clip_centroid() for e in encodings])
+        return [Target(centroids, int(c), encodings[c].latent_centroid(), emb[c]) for c in labels]
+
     def bootstrap_targets(self, prompt: str, encodings: ReferenceEncodings, indices: Sequence[int],
                           base_seed: int) -> list[Target]:
         """One bootstrap resample (with replacement) of the references per image index, seeded by it."""

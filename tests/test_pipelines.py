@@ -203,6 +203,22 @@ def test_early_stop_fires_per_seed_and_returns_the_best_seed(comps):
     assert [n for it, s, n in pipe.seen if it >= 6] == [1, 1, 1]
 
 
+def test_classes_optimised_together_use_the_contrastive_loss(seedselect, encodings):
+    other = C.ReferenceEncodings(clip=-encodings.clip, latents=-encodings.latents)
+    targets = seedselect.class_targets(["a cat", "a dog"], [encodings, other], [0, 1, 1])
+    assert [t.label for t in targets] == [0, 1, 1] and targets[0].clip_centroids.shape[0] == 2
+    torch.testing.assert_close(targets[1].clip_centroids[1], other.clip_centroid())
+    settings = SeedSelectSettings(**FAST)
+    z = C.random_seeds(seedselect.latent_shape, [0, 1, 2])
+    with torch.no_grad():
+        joint = seedselect.compute_losses(z, targets, settings, 0)["semantic"]
+        alone = seedselect.compute_losses(z, seedselect.targets_for("a cat", encodings, 3), settings, 0)["semantic"]
+    # class 0 vs its opposite: the softmax term is log(1 + exp(d0 - d1)) != the plain distance d0
+    assert torch.isfinite(joint).all() and not torch.allclose(joint[0], alone[0])
+    results = seedselect.optimize(z, targets, settings, progress=False)
+    assert len(results) == 3 and all(math.isfinite(r.best_loss) for r in results)
+
+
 def test_non_finite_loss_is_a_clear_error(seedselect, encodings):
     settings = SeedSelectSettings(**FAST)
     seeds = C.random_seeds(seedselect.latent_shape, [0])
