@@ -33,6 +33,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable on a shared CPU)")
     parser.add_argument("--memory-steps", type=int, nargs=2, default=[10, 50])
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--sd21", action="store_true",
+                        help="GPU: the full SD 2.1-base + CLIP ViT-H/14 architectures with random weights at 512x512; "
+                             "seconds per SeedSelect iteration and peak GPU memory for the reference and fast presets")
+    parser.add_argument("--device", default="cuda")
 
 
 def _bench_sizes(latent_size: int):
@@ -136,7 +140,89 @@ def _peak(args, steps: int, checkpoint: bool, fixed_mmap_threshold: bool = True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def sd21_components(dtype, device):
+    """SD 2.1-base and laion CLIP ViT-H/14 architectures (configs as published), random weights."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig,
+                              CLIPVisionModelWithProjection)
+
+    from pipelines.components import Components
+    from pipelines.testing import tiny_scheduler, tiny_tokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=1024,
+        attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        sample_size=512)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=1024, intermediate_size=4096,
+                                        num_hidden_layers=23, num_attention_heads=16, hidden_act="gelu",
+                                        projection_dim=512))
+    vision = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16, patch_size=14,
+        image_size=224, projection_dim=1024, hidden_act="gelu"))
+    comps = Components(vae=vae, text_encoder=text, tokenizer=tiny_tokenizer(), unet=unet, scheduler=tiny_scheduler(),
+                       image_encoder=vision, image_processor=CLIPImageProcessor(), model_id="sd21-random",
+                       image_encoder_id="vit-h-14-random")
+    return comps.to(device=device, dtype=dtype)
+
+
+def _sd21(args) -> dict:
+    """Seconds per iteration (per seed) and peak GPU memory of the reference and fast presets."""
+    import torch
+
+    from pipelines.components import ReferenceEncodings, random_seeds, resolve_dtype
+    from pipelines.registry import get_method
+    from pipelines.seedselect import SeedSelectPipeline
+
+    method = get_method("seedselect")
+    cuda = str(args.device).startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    out = {}
+    for preset in ("reference", "fast"):
+        settings = method.settings(preset, args.device)
+        pipe = SeedSelectPipeline.from_components(sd21_components(resolve_dtype(settings.dtype), args.device))
+        g = torch.Generator().manual_seed(0)
+        d = pipe.image_encoder.config.projection_dim
+        enc = ReferenceEncodings(clip=torch.randn(3, d, generator=g).to(args.device),
+                                 latents=torch.randn(3, *pipe.latent_shape, generator=g).to(args.device))
+        targets = pipe.targets_for("a photo of a tiger cat", enc, settings.batch_size)
+        seeds = torch.nn.Parameter(random_seeds(pipe.latent_shape, range(settings.batch_size)).to(args.device))
+        opt = torch.optim.AdamW([seeds], lr=settings.lr, weight_decay=settings.weight_decay)
+
+        def iteration():
+            pipe.compute_losses(seeds, targets, settings, 0)["total"].sum().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        iteration()  # warm-up
+        sync()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        iterations = 3
+        for _ in range(iterations):
+            iteration()
+        sync()
+        seconds = (time.perf_counter() - t0) / iterations
+        out[preset] = {"dtype": settings.dtype, "batch_size": settings.batch_size, "steps": settings.num_inference_steps,
+                       "seconds_per_iteration": round(seconds, 3),
+                       "seconds_per_iteration_per_seed": round(seconds / settings.batch_size, 3),
+                       "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+                       "device_name": torch.cuda.get_device_name() if cuda else str(args.device)}
+        del pipe
+        if cuda:
+            torch.cuda.empty_cache()
+    return {"sd21_base_512": out}
+
+
 def run(args) -> dict:
+    if args.sd21:
+        return _sd21(args)
     result = _timing(args)
     if not args.skip_memory:
         lo, hi = args.memory_steps
