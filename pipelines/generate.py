@@ -92,9 +92,10 @@ def generate_concept(method: str, prompt: str, refs: str | os.PathLike | Sequenc
         enc_id = components.image_encoder_id if components is not None and components.image_encoder_id \
             else str(image_encoder)
     full_prompt = format_prompt(prompt, settings.prompt_template)
+    # references enter the run name only for methods that use them (sd shows them on the sheet only)
     config = {"method": m.name, "settings": dataclasses.asdict(settings), "model_id": model_id,
               "image_encoder_id": enc_id or None, "prompt": full_prompt, "seed": seed,
-              "references": [{"name": r.name, "sha256": r.content_hash} for r in references]}
+              "references": [{"name": r.name, "sha256": r.content_hash} for r in references] if m.min_refs else []}
     run = run_name(m.name, config)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / f"{run}.config.json",
