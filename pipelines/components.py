@@ -130,7 +130,11 @@ def load_components(model: str | os.PathLike = DEFAULT_MODEL_ID,
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dt)
     text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", dtype=dt)
     tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
-    scheduler = ddim_scheduler(DDIMScheduler.load_config(model, subfolder="scheduler"))
+    try:
+        scheduler = ddim_scheduler(DDIMScheduler.load_config(model, subfolder="scheduler"))
+    except OSError:  # a folder without scheduler/: the reference DDIM of SD 2.1-base
+        log.warning("%s has no scheduler config; using the reference DDIM settings", model)
+        scheduler = DDIMScheduler(**REFERENCE_SCHEDULER_CONFIG)
     enc = proc = None
     if image_encoder is not None:
         from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
