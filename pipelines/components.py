@@ -339,9 +339,10 @@ def guided_eps(unet, latents: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
     at the right timestep."""
     model_dtype = unet.dtype
     if uncond is None or guidance_scale == 1.0:
-        return unet(latents.to(model_dtype), t, encoder_hidden_states=cond).sample.to(latents.dtype)
+        return unet(latents.to(model_dtype), t, encoder_hidden_states=cond.to(model_dtype)).sample.to(latents.dtype)
     x = torch.cat([latents, latents]).to(model_dtype)
-    out = unet(x, t, encoder_hidden_states=torch.cat([uncond, cond])).sample.to(latents.dtype)
+    emb = torch.cat([uncond, cond]).to(model_dtype)
+    out = unet(x, t, encoder_hidden_states=emb).sample.to(latents.dtype)
     e_uncond, e_cond = out.chunk(2)
     return e_uncond + guidance_scale * (e_cond - e_uncond)
 

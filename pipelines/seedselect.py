@@ -102,6 +102,7 @@ class SeedResult:
     stop_reason: str              # "iterations" | "early_stop"
     history: list[dict] = field(default_factory=list)  # per evaluated iteration: total/semantic/appearance/lr
     seconds: float = 0.0
+    extras: dict = field(default_factory=dict)         # method-specific facts for the record
 
 
 def semantic_distance(embeds: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -191,7 +192,8 @@ class SeedSelectPipeline(ConceptPipeline):
             values = total.detach().cpu().tolist()
             for j, i in enumerate(active):
                 history[i].append({"iteration": it, "total": values[j], "lr": lr if not evaluate_only else None,
-                                   "semantic": float(out["semantic"][j]), "appearance": float(out["appearance"][j])})
+                                   "semantic": float(out["semantic"][j].detach()),
+                                   "appearance": float(out["appearance"][j].detach())})
                 if values[j] < best_loss[i]:
                     best_loss[i], best_iter[i] = values[j], it
                     best_seed[i] = params[i].detach().cpu().clone()
