@@ -34,18 +34,16 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .classifiers import ImageClassifier
+from .classifiers import ImageClassifier, load_classifier
 from .components import ConceptPipeline, decode_latents, denoise, guided_eps, random_seeds, to_pil
 from .io import save_tensors
+from .registry import Generated, Job, Method, register_method
+from .seedselect import NonFiniteLossError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CLASSIFIER_ID = "google/vit-large-patch16-224"
 DCT_TEMPLATES = ("A photo of {}", "a high resolution realistic image of {}", "A close-up photo of a {}")
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The DCT classifier loss became NaN/inf."""
 
 
 @dataclass
@@ -66,6 +64,7 @@ class DctSettings:
     initializer: str = "a"
     train_seed: int = 35                  # the authors' seed for the training latents
     batch_size: int = 4                   # images per generation batch
+    prompt_template: str = "{}"           # the registry fills the class name through it
     dtype: str | None = None
     # the guiding classifier (read by the registry adapter and the CLI)
     classifier: str = DEFAULT_CLASSIFIER_ID
@@ -83,7 +82,7 @@ class DctSettings:
 
     def training_key(self) -> dict:
         """The settings that determine the learned token (generation-only ones excluded)."""
-        skip = {"generation_template", "batch_size"}
+        skip = {"generation_template", "batch_size", "prompt_template", "dtype"}
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
@@ -288,3 +287,27 @@ def train_or_load_token(pipe: DctPipeline, classifier: ImageClassifier, class_na
     token = pipe.train_token(class_name, classifier, index, settings, progress=progress)
     token.save(path)
     return token, path
+
+
+def _run_dct(pipe: DctPipeline, job: Job, callback) -> None:
+    """Registry adapter: train (or reuse) the token of class ``job.prompt``, then generate."""
+    s = job.settings
+    classifier = load_classifier(s.classifier, s.classifier_checkpoint, s.classifier_labels, device=pipe.device)
+    token, path = train_or_load_token(pipe, classifier, job.prompt, job.cache_dir, s, progress=job.progress)
+    record = {"token_file": str(path), "class_index": token.class_index, "classifier": classifier.source,
+              "token_record": {k: v for k, v in token.record.items() if k != "settings"}}
+    for start in range(0, len(job.indices), s.batch_size):
+        chunk = job.indices[start:start + s.batch_size]
+        t0 = time.perf_counter()
+        out = pipe(job.prompt, token, [job.seed + i for i in chunk], s)
+        seconds = (time.perf_counter() - t0) / len(chunk)
+        callback({i: Generated(im, {"seed": z, "token_embedding": token.embedding},
+                               {**record, "prompt_used": out.prompt, "seed_int": job.seed + i, "seconds": seconds})
+                  for i, im, z in zip(chunk, out.images, out.seeds)})
+
+
+register_method(Method(
+    "dct", DctPipeline, DctSettings, _run_dct, min_refs=0, needs_image_encoder=False,
+    aliases=("DCT", "discriminative-class-tokens"), description="classifier-guided class token",
+    presets={"reference": {"dtype": "fp32", "batch_size": 1},
+             "fast": {"dtype": "auto-bf16", "batch_size": 8}}))

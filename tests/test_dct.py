@@ -198,3 +198,59 @@ def test_timm_classifier_loads_a_checkpoint(tmp_path):
         torch.testing.assert_close(clf.logits(x), model(clf.preprocess(x)))
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         load_classifier("timm:test_resnet", checkpoint=tmp_path / "nope.pth", labels=LABELS)
+
+
+# ---------------------------------------------------------------- the CLI
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    from pipelines.testing import save_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("dct_cli")
+    save_tiny_pipeline(root / "sd")
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=64, num_labels=5, id2label=dict(enumerate(LABELS)),
+                       label2id={n: i for i, n in enumerate(LABELS)})
+    ViTForImageClassification(config).save_pretrained(root / "clf")
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(root / "clf")
+    return root
+
+
+def _cli(saved, out, *extra):
+    from pipelines.__main__ import main
+
+    return main(["generate", "dct", "--class-name", "tiger cat", "--classifier", str(saved / "clf"),
+                 "--model", str(saved / "sd"), "--out", str(out), "--num-images", "2", "--steps", "2",
+                 "--device", "cpu", "--no-progress", "--set", "max_epochs=1", "--set", "epoch_size=1",
+                 "--set", "min_correct=1", *extra])
+
+
+def test_cli_generates_with_a_learned_token_and_reuses_it(saved, tmp_path, monkeypatch):
+    import json
+
+    assert _cli(saved, tmp_path) == 0
+    pngs = sorted(tmp_path.glob("dct-*-0000[0-9].png"))
+    records = [json.loads(p.with_suffix(".json").read_text()) for p in pngs]
+    assert len(pngs) == 2 and all(r["class_index"] == 1 for r in records)
+    assert "<dct> tiger cat" in records[0]["prompt_used"]
+    tokens = list((tmp_path / "cache").glob("dct-tiger_cat-*.safetensors"))
+    assert len(tokens) == 1 and records[0]["token_file"] == str(tokens[0])
+    assert list(tmp_path.glob("dct-*.contact.png"))
+    # more images later: finished ones are kept and the token is reused, not retrained
+    before = {p: p.stat().st_mtime_ns for p in pngs}
+    monkeypatch.setattr(DctPipeline, "train_token", lambda *a, **k: pytest.fail("retrained a finished token"))
+    assert _cli(saved, tmp_path, "--num-images", "3") == 0  # argparse: the last --num-images wins
+    assert {p: p.stat().st_mtime_ns for p in pngs} == before
+    assert len(list(tmp_path.glob("dct-*-0000[0-9].png"))) == 3
+
+
+def test_cli_unknown_class_lists_close_matches(saved, tmp_path, capsys):
+    from pipelines.__main__ import main
+
+    code = main(["generate", "dct", "--class-name", "tigger cat", "--classifier", str(saved / "clf"),
+                 "--model", str(saved / "sd"), "--out", str(tmp_path), "--device", "cpu", "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "unknown class 'tigger cat'" in err and "'tiger cat'" in err
