@@ -1,0 +1,350 @@
+"""Generation pipelines on tiny random models: SeedSelect, DDIM inversion, NAO-SeedSelect, the CLI."""
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines import components as C
+from pipelines.__main__ import main as cli
+from pipelines.inversion import DDIMInversionPipeline
+from pipelines.seedselect import (NonFiniteLossError, SeedSelectPipeline, SeedSelectSettings, Target,
+                                  semantic_distance)
+from pipelines.stable_diffusion import StableDiffusionSamplingPipeline
+from pipelines.testing import (TinySizes, save_tiny_image_encoder, save_tiny_pipeline, tiny_components,
+                               tiny_tokenizer)
+
+# 2 shared cores: one thread avoids OpenMP spin contention (100x slower otherwise)
+torch.set_num_threads(1)
+
+FAST = dict(num_inference_steps=3, iterations=2, last_k_weights=(0.25, 0.75))
+
+
+def noise_image(seed, size=(40, 50), mode="RGB"):
+    arr = np.random.default_rng(seed).integers(0, 255, (*size[::-1], 3), dtype=np.uint8)
+    return Image.fromarray(arr).convert(mode)
+
+
+@pytest.fixture(scope="module")
+def comps():
+    return tiny_components()
+
+
+@pytest.fixture(scope="module")
+def seedselect(comps):
+    return SeedSelectPipeline.from_components(comps)
+
+
+@pytest.fixture(scope="module")
+def encodings(seedselect):
+    refs = [C.ReferenceImage(f"r{i}", noise_image(i)) for i in range(3)]
+    return C.encode_references(seedselect, refs)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    save_tiny_pipeline(root / "sd")
+    save_tiny_image_encoder(root / "clip")
+    refs = root / "refs"
+    refs.mkdir()
+    noise_image(0).save(refs / "a.png")
+    noise_image(1, (17, 23), "L").save(refs / "grey_odd.png")        # grey, odd size: converted
+    noise_image(2, (64, 30), "RGBA").save(refs / "alpha.png")         # alpha: composited on white
+    noise_image(3).convert("P").save(refs / "palette.gif")
+    (refs / "notes.txt").write_text("not an image")                   # ignored with a warning
+    return root
+
+
+def cli_args(folders, method, out, *extra):
+    return ["generate", method, "--prompt", "tiger_cat", "--refs", str(folders / "refs"), "--out", str(out),
+            "--model", str(folders / "sd"), "--image-encoder", str(folders / "clip"), "--device", "cpu",
+            "--steps", "3", "--no-progress", *extra]
+
+
+# ------------------------------------------------------------------------------- components
+def test_tokenizer_is_the_real_clip_bpe():
+    import open_clip
+
+    text = "A photo of a Tiger-cat, hello!"
+    ids = tiny_tokenizer()(text).input_ids
+    assert ids == open_clip.tokenize([text])[0][: len(ids)].tolist()
+
+
+def test_sizes_follow_the_configs():
+    sizes = TinySizes(latent_size=4, vae_channels=(8, 16), clip_size=24)
+    pipe = StableDiffusionSamplingPipeline.from_components(tiny_components(sizes))
+    assert (pipe.image_size, pipe.latent_shape) == (8, (4, 4, 4))
+    out = pipe("a cat", [0, 1], replace(pipe_settings(), num_inference_steps=2))
+    assert [im.size for im in out.images] == [(8, 8)] * 2
+    assert C.clip_input_size(pipe.image_processor) == (24, 24)
+
+
+def pipe_settings():
+    from pipelines.stable_diffusion import StableDiffusionSettings
+
+    return StableDiffusionSettings()
+
+
+def test_reference_cache_keyed_by_content(tmp_path, seedselect, monkeypatch):
+    refs = [C.ReferenceImage(f"r{i}", noise_image(i)) for i in range(2)]
+    first = C.encode_references(seedselect, refs, tmp_path)
+    monkeypatch.setattr(C, "clip_embed", lambda *a, **k: pytest.fail("cache not used"))
+    again = C.encode_references(seedselect, refs, tmp_path)
+    assert torch.equal(first.clip, again.clip) and torch.equal(first.latents, again.latents)
+    monkeypatch.undo()
+    changed = [refs[0], C.ReferenceImage("r1", noise_image(7))]   # same name, new pixels
+    other = C.encode_references(seedselect, changed, tmp_path)
+    assert len(list(tmp_path.glob("refenc-*.safetensors"))) == 2
+    assert not torch.allclose(other.clip[1], first.clip[1])
+    assert torch.equal(other.clip[0], first.clip[0])
+
+
+def test_load_reference_images_errors_and_conversions(tmp_path, folders):
+    with pytest.raises(FileNotFoundError, match="nope"):
+        C.load_reference_images(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="contains no images"):
+        C.load_reference_images(tmp_path / "empty")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    noise_image(0).save(bad / "ok.png")
+    (bad / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.raises(ValueError, match="broken.jpg"):
+        C.load_reference_images(bad)
+    refs = C.load_reference_images(folders / "refs")
+    assert sorted(r.name for r in refs) == ["a.png", "alpha.png", "grey_odd.png", "palette.gif"]
+    assert all(r.image.mode == "RGB" for r in refs)
+
+
+# ------------------------------------------------------------------------------- SeedSelect
+def test_semantic_distance_matches_hand_computation():
+    e = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
+    cents = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-0.6, 0.8]])
+    d0 = [1 - 0.6, 1 - 0.8, 1 - (-0.36 + 0.64)]      # seed 0 (unit (0.6, 0.8)) vs each class
+    d1 = [0.0, 1.0, 1.6]
+    expected = [-math.log(math.exp(-d0[1]) / sum(math.exp(-d) for d in d0)),
+                -math.log(math.exp(-d1[2]) / sum(math.exp(-d) for d in d1))]
+    got = semantic_distance(e, cents.expand(2, -1, -1), torch.tensor([1, 2]))
+    assert got.tolist() == pytest.approx(expected, rel=1e-6)
+    # one class: the plain cosine distance to the centroid
+    one = semantic_distance(e, cents[:1].expand(2, -1, -1), torch.tensor([0, 0]))
+    assert one.tolist() == pytest.approx([d0[0], d1[0]], rel=1e-6)
+
+
+def test_centroid_of_unnormalised_embeddings():
+    enc = C.ReferenceEncodings(clip=torch.tensor([[10.0, 0.0], [0.0, 1.0]]), latents=torch.zeros(2, 4, 2, 2))
+    assert enc.clip_centroid().tolist() == pytest.approx([10 / math.sqrt(101), 1 / math.sqrt(101)])
+
+
+def test_gradients_reach_the_seed_from_both_losses(seedselect, encodings):
+    settings = SeedSelectSettings(**FAST)
+    targets = seedselect.targets_for("a cat", encodings, 2)
+    for term in ("semantic", "appearance"):
+        z = C.random_seeds(seedselect.latent_shape, [0, 1]).requires_grad_()
+        out = seedselect.compute_losses(z, targets, settings, 0)
+        out[term].sum().backward()
+        assert torch.isfinite(z.grad).all() and z.grad.abs().sum(dim=(1, 2, 3)).min() > 0, term
+        assert out[term].dtype == torch.float32
+
+
+def test_checkpointed_and_plain_gradients_agree_float64():
+    comps = tiny_components(dtype=torch.float64)
+    pipe = SeedSelectPipeline.from_components(comps)
+    refs = [C.ReferenceImage(f"r{i}", noise_image(i)) for i in range(2)]
+    targets = pipe.targets_for("a cat", C.encode_references(pipe, refs), 2)
+    grads = []
+    for ckpt in (False, True):
+        settings = SeedSelectSettings(**{**FAST, "num_inference_steps": 4}, gradient_checkpointing=ckpt,
+                                      checkpoint_decoder=ckpt)
+        z = C.random_seeds(pipe.latent_shape, [3, 4], torch.float64).requires_grad_()
+        pipe.compute_losses(z, targets, settings, 0)["total"].sum().backward()
+        grads.append(z.grad)
+    assert grads[0].abs().max() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-9, atol=1e-12)
+
+
+class ScriptedLoss(SeedSelectPipeline):
+    """Losses follow a script per seed (plus a tiny real term so the seeds move); records every call."""
+
+    def compute_losses(self, seeds, targets, settings, iteration):
+        self.seen.append((iteration, seeds.detach().clone(), len(seeds)))
+        scripted = torch.tensor([self.script[t.label][iteration] for t in targets])
+        total = scripted + 1e-3 * (seeds ** 2).flatten(1).mean(1)
+        return {"total": total, "semantic": total, "appearance": total * 0, "images": seeds[:, :3].sigmoid()}
+
+
+def test_early_stop_fires_per_seed_and_returns_the_best_seed(comps):
+    pipe = ScriptedLoss.from_components(comps)
+    pipe.seen = []
+    pipe.script = [[5.0, 3.0, 4.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0],  # best at 1; 4th rise at iteration 5
+                   [9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0]]
+    # the label only tells the script which seed is which
+    targets = [Target(torch.zeros(2, 16), k, torch.zeros(4, 8, 8), torch.zeros(77, 32)) for k in range(2)]
+    seeds = C.random_seeds(pipe.latent_shape, [0, 1])
+    first, second = pipe.optimize(seeds, targets, SeedSelectSettings(iterations=8, early_stop_patience=3),
+                                  progress=False)
+    assert first.stop_reason == "early_stop" and len(first.history) == 6
+    assert first.best_iteration == 1
+    seed_at_1 = next(s for it, s, n in pipe.seen if it == 1)[0]
+    torch.testing.assert_close(first.seed, seed_at_1)
+    assert not torch.equal(first.seed, first.initial_seed)
+    expected_image = C.to_pil(seed_at_1[None, :3].sigmoid())[0]
+    assert np.array_equal(np.asarray(first.image), np.asarray(expected_image))
+    # the other seed went on alone, and its final (never-updated) seed was evaluated too
+    assert second.stop_reason == "iterations" and len(second.history) == 9 and second.best_iteration == 8
+    assert [n for it, s, n in pipe.seen if it >= 6] == [1, 1, 1]
+
+
+def test_non_finite_loss_is_a_clear_error(seedselect, encodings):
+    settings = SeedSelectSettings(**FAST)
+    seeds = C.random_seeds(seedselect.latent_shape, [0])
+    seeds[0, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteLossError, match="not finite at iteration 0"):
+        seedselect.optimize(seeds, seedselect.targets_for("a cat", encodings, 1), settings, progress=False)
+
+
+def test_bootstrap_seeds_are_distinct_and_reproducible(seedselect, encodings):
+    settings = SeedSelectSettings(**FAST, bootstrap=True, bootstrap_iterations=1, batch_size=2)
+    runs = [seedselect("a cat", encodings, [0, 1, 2], base_seed=5, settings=settings, progress=False)
+            for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a.seed, b.seed)
+    z = [r.seed for r in runs[0]]
+    assert not torch.equal(z[1], z[2]) and not torch.equal(z[0], z[1])
+    # bootstrap samples differ per image and are seeded
+    t1 = seedselect.bootstrap_targets("a cat", encodings, [1, 2], 5)
+    t2 = seedselect.bootstrap_targets("a cat", encodings, [1, 2], 5)
+    assert torch.equal(t1[0].clip_centroids, t2[0].clip_centroids)
+    assert not torch.equal(t1[0].clip_centroids, t1[1].clip_centroids)
+    # resuming with z* gives the same bootstrap seed as the one-go run (up to batch-size round-off)
+    resumed = seedselect("a cat", encodings, [2], base_seed=5, settings=settings, z_star=z[0], progress=False)
+    torch.testing.assert_close(resumed[0].seed, z[2], rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_models_keep_seeds_and_losses_fp32(encodings):
+    pipe = SeedSelectPipeline.from_components(tiny_components(dtype=torch.bfloat16))
+    targets = pipe.targets_for("a cat", encodings, 1)
+    res = pipe.optimize(C.random_seeds(pipe.latent_shape, [0]), targets, SeedSelectSettings(**FAST), progress=False)
+    assert res[0].seed.dtype == torch.float32 and math.isfinite(res[0].best_loss)
+
+
+# ------------------------------------------------------------------------------- inversion
+def test_invert_then_regenerate_reconstructs_the_latent():
+    comps = tiny_components(dtype=torch.float64)
+    with torch.no_grad():  # a smooth noise predictor, as a trained one is; a random one is very rough
+        comps.unet.conv_out.weight.mul_(0.1)
+    pipe = DDIMInversionPipeline.from_components(comps)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    cond = C.encode_prompts(pipe, ["a cat"]).expand(2, -1, -1)
+    errors = {}
+    for steps in (10, 50):
+        seeds = pipe.invert_latents(latents, "a cat", steps)
+        with torch.no_grad():
+            rec = C.denoise(pipe, seeds, cond, None, 1.0, steps)[-1]
+        errors[steps] = ((rec - latents).norm() / latents.norm()).item()
+    assert errors[50] < 0.05
+    assert errors[50] < errors[10]
+    # a seed that is not the inversion lands far away
+    with torch.no_grad():
+        other = C.denoise(pipe, torch.randn_like(seeds), cond, None, 1.0, 50)[-1]
+    assert ((other - latents).norm() / latents.norm()).item() > 10 * errors[50]
+
+
+# ------------------------------------------------------------------------------- CLI
+def test_cli_end_to_end_in_a_fresh_process(folders, tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    args = cli_args(folders, "SeedSelect", out, "--num-images", "2", "--iterations", "1", "--batch-size", "2",
+                    "--set", "last_k_weights=0.3,0.7")
+    proc = subprocess.run([sys.executable, "-m", "pipelines", *args], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = sorted(out.glob("seedselect-*-0000?.json"))
+    assert len(records) == 2
+    rec = json.loads(records[0].read_text())
+    assert rec["method"] == "seedselect" and rec["prompt"] == "tiger cat"
+    assert rec["settings"]["last_k_weights"] == [0.3, 0.7] and len(rec["losses"]) == 2
+    assert {"stop_reason", "best_iteration", "seconds", "model_id", "image_encoder_id"} <= set(rec)
+    from safetensors.torch import load_file
+
+    seeds = load_file(str(records[0].with_suffix(".safetensors")))
+    assert seeds["seed"].shape == (4, 8, 8)
+    assert Image.open(records[0].with_suffix(".png")).size == (32, 32)
+    assert len(list(out.glob("seedselect-*.contact.png"))) == 1
+    assert len(list(out.glob("seedselect-*.config.json"))) == 1
+
+
+def test_cli_resumes_and_never_overwrites(folders, tmp_path):
+    out = tmp_path / "out"
+    args = cli_args(folders, "sd", out, "--num-images", "3")
+    assert cli(args) == 0
+    files = sorted(out.glob("sd-*-0000?.*"))
+    assert len(files) == 9
+    stamps = {f: f.stat().st_mtime_ns for f in files}
+    # an interrupted run: image 2's record never got written
+    unfinished = next(f for f in files if f.name.endswith("00002.json"))
+    unfinished.unlink()
+    assert cli(args + ["--num-images", "4"]) == 0
+    for f, stamp in stamps.items():
+        if f != unfinished and not f.name.split("-")[-1].startswith("00002"):
+            assert f.stat().st_mtime_ns == stamp, f"{f.name} was rewritten"
+    assert len(sorted(out.glob("sd-*-0000?.json"))) == 4
+    # the alias and a changed setting give a separate run next to it
+    assert cli(cli_args(folders, "StableDiffusion", out, "--num-images", "1", "--guidance", "3")) == 0
+    assert len(list(out.glob("sd-*.config.json"))) == 2
+
+
+def test_cli_nao_seedselect(folders, tmp_path):
+    out = tmp_path / "out"
+    args = cli_args(folders, "NAO_SeedSelect", out, "--num-images", "3", "--iterations", "1", "--batch-size", "3",
+                    "--set", "inversion_steps=4", "--set", "n_points=4", "--set", "last_k_weights=1")
+    assert cli(args) == 0
+    recs = [json.loads(p.read_text()) for p in sorted(out.glob("nao-seedselect-*-0000?.json"))]
+    assert [r["start_point"] for r in recs] == [{"path": 0, "point": 2}, {"path": 1, "point": 2},
+                                                {"path": 2, "point": 2}]
+    assert recs[0]["settings"]["guidance_scale"] == 1.0 and recs[0]["settings"]["lr"] == 0.05
+    assert len(list((out / "cache").glob("inverted-*.safetensors"))) == 1
+    assert len(list((out / "cache").glob("nao-*.safetensors"))) == 1
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "reference folder not found"),
+    ("empty", "contains no images"),
+    ("corrupt", "broken.png"),
+    ("one_ref_nao", "at least 2 reference images"),
+    ("nan", "not finite"),
+    ("unknown_method", "unknown method"),
+    ("bad_setting", "unknown setting"),
+])
+def test_cli_bad_input_is_a_clear_error(folders, tmp_path, capsys, case, message):
+    refs = tmp_path / "refs"
+    method, extra = "seedselect", ["--iterations", "1"]
+    if case == "empty":
+        refs.mkdir()
+    elif case == "corrupt":
+        refs.mkdir()
+        noise_image(0).save(refs / "fine.png")
+        (refs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    elif case in ("one_ref_nao", "nan", "unknown_method", "bad_setting"):
+        refs.mkdir()
+        noise_image(0).save(refs / "only.png")
+        method = {"one_ref_nao": "nao-seedselect", "unknown_method": "seedsearch"}.get(case, method)
+        if case == "nan":
+            extra += ["--set", "semantic_weight=nan"]
+        if case == "bad_setting":
+            extra += ["--set", "learning_rate=0.1"]
+    args = cli_args(folders, method, tmp_path / "out", *extra)
+    args[args.index("--refs") + 1] = str(refs)
+    assert cli(args) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    if case in ("missing", "corrupt"):
+        assert str(refs) in err
