@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import datasets
+import pytest
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
@@ -66,3 +67,14 @@ def augment_generator(prompt, ref_paths, out_paths, seed):
         im = im.transform(im.size, Image.AFFINE, (1, 0, dx, 0, 1, dy))
         im = ImageEnhance.Contrast(im).enhance(float(rng.uniform(0.7, 1.3)))
         im.save(out)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_torch_thread():
+    """Torch's OpenMP threads spin-wait; on the shared 2-core test machine one thread is much faster."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

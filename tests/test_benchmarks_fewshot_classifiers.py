@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from fewshot_digits import digits_spec
+from fewshot_digits import single_torch_thread, digits_spec
 
 from benchmarks.fewshot.classifiers import (cached_features, create_backbone, episode_accuracies, finetune_accuracies,
                                             linear_logits, mean_ci95, prototype_logits, select_hyperparameters)

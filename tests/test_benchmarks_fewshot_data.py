@@ -3,7 +3,7 @@ import json
 
 import datasets
 import pytest
-from fewshot_digits import CLASSES, PER_CLASS, digits_spec, write_digits_source
+from fewshot_digits import single_torch_thread, CLASSES, PER_CLASS, digits_spec, write_digits_source
 
 from benchmarks.fewshot import data
 from benchmarks.fewshot.registry import (SPLITS, UnknownNameError, cub_split_by_rule, get_benchmark,

@@ -1,7 +1,7 @@
 """Support-set manifests and episode sampling: determinism, disjointness, manifests round-trip."""
 import numpy as np
 import pytest
-from fewshot_digits import digits_spec, write_digits_source
+from fewshot_digits import single_torch_thread, digits_spec, write_digits_source
 
 from benchmarks.fewshot import data
 from benchmarks.fewshot.sampling import Episodes, draw_supports, read_supports, sample_episodes, write_supports

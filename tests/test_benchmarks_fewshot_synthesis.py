@@ -3,7 +3,7 @@ import csv
 import hashlib
 
 import pytest
-from fewshot_digits import augment_generator, digits_spec, write_digits_source
+from fewshot_digits import single_torch_thread, augment_generator, digits_spec, write_digits_source
 
 from benchmarks.fewshot import data
 from benchmarks.fewshot.registry import UnknownNameError

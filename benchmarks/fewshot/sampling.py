@@ -19,7 +19,15 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.fewshot.registry import BenchmarkSpec
-from pipelines.io import write_json, write_text
+from pipelines.io import write_text
+
+
+def write_text_if_changed(path: str | Path, text: str) -> Path:
+    """Atomic write that leaves an identical existing file untouched (a rerun keeps its timestamp)."""
+    path = Path(path)
+    if path.is_file() and path.read_text() == text:
+        return path
+    return write_text(path, text)
 
 
 def key_rng(*key) -> np.random.Generator:
@@ -73,7 +81,7 @@ def write_supports(supports: list[SupportSet], path: str | Path) -> Path:
     w.writerow(SUPPORT_FIELDS)
     for s in supports:
         w.writerow([s.benchmark, s.split, s.class_name, s.shot, s.trial, " ".join(map(str, s.rows))])
-    return write_text(path, buf.getvalue())
+    return write_text_if_changed(path, buf.getvalue())
 
 
 def read_supports(path: str | Path) -> list[SupportSet]:
@@ -115,7 +123,7 @@ class Episodes:
         return cls(**d)
 
     def save(self, path: str | Path) -> Path:
-        return write_json(path, self.to_json())
+        return write_text_if_changed(path, json.dumps(self.to_json(), sort_keys=True) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "Episodes":

@@ -27,8 +27,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from benchmarks.fewshot.registry import unknown_error
-from benchmarks.fewshot.sampling import SupportSet, key_seed
-from pipelines.io import write_text
+from benchmarks.fewshot.sampling import SupportSet, key_seed, write_text_if_changed
 
 REAL_ONLY = "real-only"
 PIPELINE_METHODS = ("sd", "seedselect", "nao-seedselect", "dct")
@@ -131,7 +130,7 @@ def write_manifest(rows: list[SynthesisRow], path: str | Path) -> Path:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(FIELDS)
     w.writerows(astuple(r) for r in rows)
-    return write_text(path, buf.getvalue())
+    return write_text_if_changed(path, buf.getvalue())
 
 
 def read_manifest(path: str | Path) -> list[SynthesisRow]:
