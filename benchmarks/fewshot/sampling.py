@@ -10,6 +10,7 @@ the class's *other* images, so a query is never in its own support."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import zlib
@@ -108,6 +109,11 @@ class Episodes:
 
     def __len__(self) -> int:
         return len(self.classes)
+
+    def head(self, n: int) -> "Episodes":
+        """The first ``n`` episodes."""
+        return dataclasses.replace(self, classes=self.classes[:n], trials=self.trials[:n], support=self.support[:n],
+                                   query=self.query[:n])
 
     def to_json(self) -> dict:
         d = asdict(self)

@@ -4,6 +4,8 @@
 Each stage reads its settings from one params.yaml section (:class:`FewShotParams`), works per
 benchmark, writes its artifacts atomically under deterministic names and skips finished work.
 
+``combine`` then writes one markdown table over all benchmarks (``combined_table``).
+
 Layout (``D = <data_dir>/<benchmark>``, ``R = <results_dir>/<benchmark>``)::
 
     D/dataset/                       prepared dataset + integrity.json            (download)
@@ -156,18 +158,13 @@ def stage_episodes(run: Run) -> None:
     run.save_config("episodes")
 
 
-def _synthesis_rows(run: Run) -> list[synthesis.SynthesisRow]:
+def stage_synthesize(run: Run) -> None:
     supports = [s for s in sampling.read_supports(run.dir / "supports.csv") if s.split in run.p.synthesis.splits]
     refs_dir = run.dir / "references"
-    return synthesis.build_manifest(
+    data.export_images(run.ds, sorted({r for s in supports for r in s.rows}), refs_dir)
+    rows = synthesis.build_manifest(
         supports, run.p.methods, run.p.synthesis.images_per_support, run.dir / "synthetic",
         ref_paths=lambda s: [refs_dir / f"{r:07d}.png" for r in s.rows], prompt_for=run.prompt, seed=run.p.seed)
-
-
-def stage_synthesize(run: Run) -> None:
-    rows = _synthesis_rows(run)
-    supports = [s for s in sampling.read_supports(run.dir / "supports.csv") if s.split in run.p.synthesis.splits]
-    data.export_images(run.ds, sorted({r for s in supports for r in s.rows}), run.dir / "references")
     synthesis.write_manifest(rows, run.dir / "synthesis.csv")
     settings = run.p.synthesis.settings
     report = synthesis.run_manifest(rows, resolve=lambda m: synthesis.get_generator(m, settings), progress=run.p.progress)
@@ -269,9 +266,7 @@ def stage_evaluate(run: Run) -> None:
                 hparams[f"{method}/{head}/{shot}shot"] = {"selected": best, "validation": val_table}
                 per_episode[f"{method}/{head}/{shot}shot"] = accs.round(6).tolist()
             if e.finetune:
-                n = e.finetune_episodes or len(test)
-                sub = sampling.Episodes(**{**test.__dict__, "classes": test.classes[:n], "trials": test.trials[:n],
-                                           "support": test.support[:n], "query": test.query[:n]})
+                sub = test.head(e.finetune_episodes or len(test))
                 images = None if s is None else synthesis.images_by_support(
                     synthesis.read_manifest(run.dir / "synthesis.csv"), method)
                 accs = clf.finetune_accuracies(backbone[0], run.image, sub, run.image_size, images, e.finetune_steps,
@@ -309,20 +304,24 @@ STAGE_FUNCS = {"download": stage_download, "episodes": stage_episodes, "synthesi
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.fewshot", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=STAGES + ("all",))
+    parser.add_argument("stage", choices=STAGES + ("combine", "all"),
+                        help="one stage for each benchmark; 'combine' writes the table over all benchmarks")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--section", default="fewshot", help="params.yaml section holding FewShotParams")
     parser.add_argument("--benchmark", action="append", help="only these benchmarks (default: all in params)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     p = load_section(FewShotParams, args.section, args.params)
-    stages = STAGES if args.stage == "all" else (args.stage,)
-    for name in args.benchmark or p.benchmarks:
+    stages = STAGES if args.stage == "all" else () if args.stage == "combine" else (args.stage,)
+    for name in (args.benchmark or p.benchmarks) if stages else ():
         run = Run(p, name)
         for stage in stages:
             log.info("%s: stage %s", run.spec.name, stage)
             STAGE_FUNCS[stage](run)
-    if "report" in stages:
-        csvs = [Path(p.results_dir) / get_benchmark(b, hf_id=p.dataset_ids.get(b)).name / "accuracy.csv" for b in p.benchmarks]
-        reports.write_combined([c for c in csvs if c.is_file()], p.combined_table, methods=p.methods)
+    if args.stage in ("combine", "all"):
+        csvs = [Path(p.results_dir) / get_benchmark(b).name / "accuracy.csv" for b in args.benchmark or p.benchmarks]
+        for c in csvs:
+            if not c.is_file():
+                raise FileNotFoundError(f"{c} missing; run the evaluate stage for that benchmark first")
+        reports.write_combined(csvs, p.combined_table, methods=p.methods)
     return 0
