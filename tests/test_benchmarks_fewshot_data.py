@@ -121,3 +121,28 @@ def test_unknown_source_label_is_reported(source, tmp_path):
                                                                      "seven", "eight", "nines"]))
     with pytest.raises(data.DatasetIntegrityError, match="no class 'nines'; did you mean 'nine'"):
         data.prepare(spec, tmp_path / "prep", source=renamed, progress=False)
+
+
+def test_plain_integer_labels_map_by_rank_within_each_split(tmp_path):
+    """miniImageNet's hub copy stores int labels per split; offsets (4..6 for val) must map to the
+    split's classes in order, and a split with too few labels is an error."""
+    from dataclasses import replace
+
+    from fewshot_digits import digit_images
+
+    images, labels = digit_images(per_class=PER_CLASS)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    part = {"train": range(0, 4), "validation": range(4, 7), "test": range(7, 10)}
+    source = datasets.DatasetDict({
+        name: datasets.Dataset.from_dict({"image": [im for im, y in zip(images, labels) if y in r],
+                                          "label": [y for y in labels if y in r]}, features=features)
+        for name, r in part.items()})
+    spec = replace(digits_spec("local"), source_splits={"train": "train", "validation": "val", "test": "test"},
+                   label_mode="per_split_rank")
+    ds = data.load_prepared(spec, data.prepare(spec, tmp_path / "prep", source=source, progress=False))
+    truth = dict(zip(range(10), [c for s in SPLITS for c in CLASSES[s]]))
+    source_labels = [y for r in part.values() for y in labels if y in r]
+    assert ds["class_name"] == [truth[y] for y in source_labels]
+    short = datasets.DatasetDict({**source, "test": source["test"].filter(lambda r: r["label"] != 9)})
+    with pytest.raises(data.DatasetIntegrityError, match=r"\[test\]: 2 distinct labels, expected the 3 classes"):
+        data.prepare(spec, tmp_path / "p2", source=short, progress=False)

@@ -42,15 +42,17 @@ def _class_names(spec: BenchmarkSpec, ds: datasets.Dataset, source_split: str, t
         if not isinstance(feature, datasets.ClassLabel):
             raise DatasetIntegrityError(
                 f"{spec.hf_id} [{source_split}]: column {spec.label_column!r} is {feature}, not a ClassLabel; "
-                f"use label_mode='per_split_index' for plain integer labels")
+                f"use label_mode='per_split_rank' for plain integer labels")
         names = [spec.name_aliases.get(n, n) for n in feature.names]
         return [names[i] for i in labels]
+    # plain integers: per split or offset globally, so map by rank within the source split
     pool = spec.classes[target]
-    bad = sorted({int(i) for i in labels if not 0 <= int(i) < len(pool)})
-    if bad:
+    distinct = sorted({int(i) for i in labels})
+    if len(distinct) != len(pool):
         raise DatasetIntegrityError(
-            f"{spec.hf_id} [{source_split}]: labels {bad[:5]} out of range for the {len(pool)} classes of split {target!r}")
-    return [pool[i] for i in labels]
+            f"{spec.hf_id} [{source_split}]: {len(distinct)} distinct labels, expected the {len(pool)} classes of split {target!r}")
+    rank = {label: pool[k] for k, label in enumerate(distinct)}
+    return [rank[int(i)] for i in labels]
 
 
 def canonicalize(spec: BenchmarkSpec, source: datasets.DatasetDict) -> datasets.Dataset:

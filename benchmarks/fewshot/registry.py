@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 SPLITS = ("train", "val", "test")
-LABEL_MODES = ("names", "per_split_index")
+LABEL_MODES = ("names", "per_split_rank")
 
 
 @dataclass(frozen=True)
@@ -27,8 +27,9 @@ class BenchmarkSpec:
     ``source_splits`` maps each split of the source dataset to the benchmark split its rows belong
     to, or to ``"*"`` when rows are assigned by class (CIFAR-100 train+test are pooled, then split by
     class). ``label_mode`` says how the integer label column becomes a class name: ``"names"`` uses
-    the ``ClassLabel`` names of the source; ``"per_split_index"`` reads label ``i`` of a source split
-    as the ``i``-th class of its benchmark split (datasets that store plain integers)."""
+    the ``ClassLabel`` names of the source; ``"per_split_rank"`` (datasets that store plain integers)
+    maps the ``i``-th smallest distinct label of a source split to the ``i``-th class of its benchmark
+    split, so labels numbered per split (0..15) or globally (64..79) both work."""
 
     name: str
     hf_id: str
@@ -165,7 +166,9 @@ def _miniimagenet() -> BenchmarkSpec:
         name="miniimagenet", hf_id="GATE-engine/mini_imagenet",
         classes=classes,
         source_splits={"train": "train", "validation": "val", "test": "test"},
-        label_mode="per_split_index",  # plain int64 labels; classes.json is in ascending wnid order
+        # plain int64 labels, assumed to follow ascending wnid order within each split, the order of
+        # classes.json (and of sorted class folders); the integrity check catches a count mismatch
+        label_mode="per_split_rank",
         images_per_class=600, images_per_split={"train": 38400, "val": 9600, "test": 12000},
         image_size=84, display_names={w: names[w] for s in SPLITS for w in classes[s]})
 
