@@ -94,31 +94,48 @@ class TrainConfig:
     seed: int = 0
 
 
+class ImageRows(torch.utils.data.Dataset):
+    """``images(keys[i])`` through ``transform``, with ``targets[i]`` if given (for DataLoader workers)."""
+
+    def __init__(self, images: Callable, keys: Sequence, transform: Callable, targets: torch.Tensor | None = None):
+        self.images, self.keys, self.transform, self.targets = images, list(keys), transform, targets
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int):
+        x = self.transform(self.images(self.keys[i]))
+        return x if self.targets is None else (x, self.targets[i])
+
+
 def train_backbone(model: torch.nn.Module, images: Callable[[int], Image.Image], rows: Sequence[int],
                    labels: Sequence[int], image_size: int, cfg: TrainConfig, device: str = "cpu",
-                   progress: bool = True) -> torch.nn.Module:
+                   num_workers: int = 0, progress: bool = True) -> torch.nn.Module:
     """Supervised training on the base classes (cross-entropy over a linear classifier that is
-    discarded afterwards), SGD with momentum and a cosine schedule. ``images(row)`` returns a PIL image."""
+    discarded afterwards), SGD with momentum and a cosine schedule. ``images(row)`` returns a PIL image.
+
+    Shuffling comes from a generator seeded by ``cfg.seed``; augmentation draws from the torch RNG of
+    the process or DataLoader worker, which torch seeds from that generator, so a run is
+    reproducible for a given ``num_workers``."""
     gen = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)  # initialisation of the classifier below
+    torch.manual_seed(cfg.seed)  # initialisation of the classifier, augmentation when num_workers == 0
     classes = sorted(set(int(y) for y in labels))
     remap = {c: i for i, c in enumerate(classes)}
     targets = torch.tensor([remap[int(y)] for y in labels])
+    loader = torch.utils.data.DataLoader(
+        ImageRows(images, [int(r) for r in rows], image_transform(image_size, augment=True), targets),
+        batch_size=cfg.batch_size, shuffle=True, generator=gen, num_workers=num_workers,
+        persistent_workers=num_workers > 0, pin_memory=device.startswith("cuda"))
     classifier = torch.nn.Linear(model.num_features, len(classes))
     model.to(device).train()
     classifier.to(device)
     params = list(model.parameters()) + list(classifier.parameters())
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
-    steps_per_epoch = math.ceil(len(rows) / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs * steps_per_epoch)
-    transform = image_transform(image_size, augment=True, generator=gen)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs * len(loader))
     bar = tqdm(range(cfg.epochs), desc=f"base training {type(model).__name__}", disable=not progress)
     for epoch in bar:
-        order = torch.randperm(len(rows), generator=gen)
-        for b in range(steps_per_epoch):
-            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            x = torch.stack([transform(images(int(rows[i]))) for i in idx]).to(device)
-            loss = F.cross_entropy(classifier(model(x)), targets[idx].to(device))
+        for b, (x, y) in enumerate(loader):
+            loss = F.cross_entropy(classifier(model(x.to(device))), y.to(device))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"base training: loss is {loss.item()} at epoch {epoch}, batch {b}; lower the lr")
             opt.zero_grad()
@@ -139,18 +156,14 @@ def file_digest(path: str | Path, n: int = 12) -> str:
 
 @torch.no_grad()
 def extract_features(model: torch.nn.Module, images: Callable[[int], Image.Image], count: int, image_size: int,
-                     batch_size: int = 256, device: str = "cpu", desc: str = "features",
+                     batch_size: int = 256, device: str = "cpu", desc: str = "features", num_workers: int = 0,
                      progress: bool = True) -> torch.Tensor:
     """(count, D) float32 features of ``images(0..count-1)``."""
     model.to(device).eval()
-    transform = image_transform(image_size)
-    out = []
-    for start in tqdm(range(0, count, batch_size), desc=desc, disable=not progress):
-        x = torch.stack([transform(images(i)) for i in range(start, min(count, start + batch_size))]).to(device)
-        out.append(model(x).float().cpu())
-    if not out:
-        return torch.zeros(0, model.num_features)
-    return torch.cat(out)
+    loader = torch.utils.data.DataLoader(ImageRows(images, range(count), image_transform(image_size)),
+                                         batch_size=batch_size, num_workers=num_workers)
+    out = [model(x.to(device)).float().cpu() for x in tqdm(loader, desc=desc, disable=not progress)]
+    return torch.cat(out) if out else torch.zeros(0, model.num_features)
 
 
 def cached_features(path: str | Path, keys: list[str], compute: Callable[[], torch.Tensor]) -> torch.Tensor:

@@ -48,6 +48,7 @@ class BackboneParams:
     lr: float = 0.05
     weight_decay: float = 5e-4
     feature_batch_size: int = 256
+    num_workers: int = 0              # DataLoader workers decoding/augmenting images
     device: str = "auto"
 
 
@@ -187,7 +188,7 @@ def _backbone(run: Run) -> tuple[torch.nn.Module, str]:
         train = [i for i, s in enumerate(splits) if s == "train"]
         labels = [all_labels[i] for i in train]
         model = clf.train_backbone(clf.create_backbone(b.name), run.image, train, labels, run.image_size, cfg,
-                                   device=run.device, progress=run.p.progress)
+                                   device=run.device, num_workers=b.num_workers, progress=run.p.progress)
         clf.save_backbone(model.cpu(), path, recipe)
         write_json(path.with_suffix(".json"), recipe)
     return clf.create_backbone(b.name, checkpoint=path), path.stem + f"-{run.image_size}px"
@@ -203,6 +204,27 @@ def _eval_rows(run: Run) -> np.ndarray:
     return np.asarray([i for i, s in enumerate(run.ds["split"]) if s in ("val", "test")])
 
 
+class _RowImages:
+    """Picklable ``i -> image of dataset row rows[i]`` (DataLoader workers)."""
+
+    def __init__(self, run: Run, rows):
+        self.run, self.rows = run, rows
+
+    def __call__(self, i: int):
+        return self.run.image(self.rows[i])
+
+
+class _FileImages:
+    def __init__(self, paths):
+        self.paths = paths
+
+    def __call__(self, i: int):
+        from PIL import Image
+
+        with Image.open(self.paths[i]) as im:
+            return im.convert("RGB")
+
+
 def _features(run: Run, model=None) -> tuple[torch.Tensor, dict[str, dict]]:
     """Real features as a (num_rows, D) table (zeros for unused train rows) and, per method, the
     synthetic features by (class, shot, trial). Computes and caches whatever is missing."""
@@ -214,8 +236,8 @@ def _features(run: Run, model=None) -> tuple[torch.Tensor, dict[str, dict]]:
     b = run.p.backbone
     rows = _eval_rows(run)
     real = clf.cached_features(fdir / "real.safetensors", [str(r) for r in rows], lambda: clf.extract_features(
-        model, lambda i: run.image(rows[i]), len(rows), run.image_size, b.feature_batch_size, run.device,
-        f"{run.spec.name} features", run.p.progress))
+        model, _RowImages(run, rows), len(rows), run.image_size, b.feature_batch_size, run.device,
+        f"{run.spec.name} features", b.num_workers, run.p.progress))
     table = torch.zeros(run.ds.num_rows, real.shape[1])
     table[torch.as_tensor(rows)] = real
     synth: dict[str, dict] = {}
@@ -229,11 +251,9 @@ def _features(run: Run, model=None) -> tuple[torch.Tensor, dict[str, dict]]:
         missing = [p for p in paths if not Path(p).is_file()]
         if missing:
             raise FileNotFoundError(f"method {method!r}: {len(missing)} synthetic images missing, e.g. {missing[0]}; run the synthesize stage")
-        from PIL import Image
-
         feats = clf.cached_features(fdir / f"synthetic-{method}.safetensors", paths, lambda: clf.extract_features(
-            model, lambda i: Image.open(paths[i]).convert("RGB"), len(paths), run.image_size, b.feature_batch_size,
-            run.device, f"{method} features", run.p.progress))
+            model, _FileImages(paths), len(paths), run.image_size, b.feature_batch_size,
+            run.device, f"{method} features", b.num_workers, run.p.progress))
         out, start = {}, 0
         for key in sorted(groups):
             out[key] = feats[start:start + len(groups[key])]
