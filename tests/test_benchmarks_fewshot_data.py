@@ -146,3 +146,11 @@ def test_plain_integer_labels_map_by_rank_within_each_split(tmp_path):
     short = datasets.DatasetDict({**source, "test": source["test"].filter(lambda r: r["label"] != 9)})
     with pytest.raises(data.DatasetIntegrityError, match=r"\[test\]: 2 distinct labels, expected the 3 classes"):
         data.prepare(spec, tmp_path / "p2", source=short, progress=False)
+
+
+def test_benchmark_from_a_json_spec_file(tmp_path):
+    """How an offline world (or any new dataset) plugs in without code: a spec file as the name."""
+    spec = digits_spec(tmp_path / "src")
+    path = data.save_spec_json(spec, tmp_path / "digits.json")
+    assert get_benchmark(str(path)) == spec
+    assert get_benchmark(str(path), hf_id="elsewhere").hf_id == "elsewhere"

@@ -332,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     p = load_section(FewShotParams, args.section, args.params)
+    stray = sorted(set(p.dataset_ids) - set(p.benchmarks))
+    if stray:
+        raise ValueError(f"{args.params}: {args.section}.dataset_ids names {stray}, not in benchmarks {p.benchmarks}")
     stages = STAGES if args.stage == "all" else () if args.stage == "combine" else (args.stage,)
     for name in (args.benchmark or p.benchmarks) if stages else ():
         run = Run(p, name)
