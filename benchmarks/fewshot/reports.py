@@ -104,13 +104,16 @@ def image_grid(paths: Iterable[str | Path], columns: int = 8, cell: int = 96) ->
     return grid
 
 
-def write_report(rows: list[dict], out_dir: str | Path, methods: list[str] | None = None) -> dict[str, Path]:
-    """``accuracy.csv``, ``accuracy.md``, ``metrics.json`` and ``accuracy_vs_shots.png`` in ``out_dir``."""
+def write_report(rows: list[dict], out_dir: str | Path, methods: list[str] | None = None,
+                 notes: list[str] = ()) -> dict[str, Path]:
+    """``accuracy.csv``, ``accuracy.md`` (with ``notes`` under the title, e.g. the backbone),
+    ``metrics.json`` and ``accuracy_vs_shots.png`` in ``out_dir``."""
     out_dir = Path(out_dir)
     bench = ", ".join(sorted({r["benchmark"] for r in rows}))
+    head = f"# Few-shot accuracy: {bench}\n\n" + "".join(f"{n}\n\n" for n in notes)
     return {
         "csv": write_accuracy_csv(rows, out_dir / "accuracy.csv"),
-        "md": write_text(out_dir / "accuracy.md", f"# Few-shot accuracy: {bench}\n\n" + markdown_table(rows, methods) + "\n"),
+        "md": write_text(out_dir / "accuracy.md", head + markdown_table(rows, methods) + "\n"),
         "metrics": write_json(out_dir / "metrics.json", metrics(rows)),
         "plot": plot_accuracy_vs_shots(rows, out_dir / "accuracy_vs_shots.png", title=bench),
     }

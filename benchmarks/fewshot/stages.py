@@ -308,13 +308,22 @@ def _row(run: Run, method: str, head: str, shot: int, accs: np.ndarray) -> dict:
 
 def stage_report(run: Run) -> None:
     rows = reports.read_accuracy_csv(run.results / "accuracy.csv")
-    reports.write_report(rows, run.results, methods=run.p.methods)
+    reports.write_report(rows, run.results, methods=run.p.methods, notes=[_backbone_note(run.p.backbone)])
     manifest = run.dir / "synthesis.csv"
     if manifest.is_file():
         by_class: dict[tuple[str, str], list[str]] = {}
         for r in synthesis.read_manifest(manifest):
             by_class.setdefault((r.method, r.class_name), []).append(r.path)
         reports.write_sample_grids(by_class, run.results / "samples", per_grid=run.p.synthesis.grid_images)
+
+
+def _backbone_note(b: BackboneParams) -> str:
+    if b.pretrained:
+        return (f"Backbone: timm `{b.name}` with ImageNet-pretrained weights. **Warning:** ImageNet contains "
+                "miniImageNet's test classes, so these numbers are not comparable with base-class training.")
+    if b.checkpoint:
+        return f"Backbone: timm `{b.name}` with weights from `{b.checkpoint}`."
+    return f"Backbone: timm `{b.name}` trained from scratch on the base (meta-train) classes, {b.epochs} epochs."
 
 
 STAGE_FUNCS = {"download": stage_download, "episodes": stage_episodes, "synthesize": stage_synthesize,
