@@ -69,6 +69,13 @@ def augment_generator(prompt, ref_paths, out_paths, seed):
         im.save(out)
 
 
+def copy_generator(prompt, ref_paths, out_paths, seed):
+    """Real, trivial generator: output j is an exact copy of reference j mod K (tests can check that a
+    synthetic image's features land on its own support set)."""
+    for j, out in enumerate(out_paths):
+        Image.open(ref_paths[j % len(ref_paths)]).convert("RGB").save(out)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def single_torch_thread():
     """Torch's OpenMP threads spin-wait; on the shared 2-core test machine one thread is much faster."""

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fewshot_digits import single_torch_thread, augment_generator, digits_spec, write_digits_source
+from fewshot_digits import single_torch_thread, augment_generator, copy_generator, digits_spec, write_digits_source
 
 from benchmarks.fewshot.registry import register_benchmark
 from benchmarks.fewshot.reports import read_accuracy_csv
@@ -21,6 +21,7 @@ def project(tmp_path_factory):
     src = write_digits_source(root / "src")
     register_benchmark("digits", lambda: digits_spec("unset"), overwrite=True)
     register_generator("augment", augment_generator, overwrite=True)
+    register_generator("copy", copy_generator, overwrite=True)
     params = {"fewshot": {
         "benchmarks": ["digits"], "dataset_ids": {"digits": str(src)},
         "data_dir": str(root / "data"), "results_dir": str(root / "results"),
@@ -29,7 +30,7 @@ def project(tmp_path_factory):
         "progress": False,
         "backbone": {"name": "test_resnet", "image_size": 32, "epochs": 2, "batch_size": 32, "lr": 0.05,
                      "num_workers": 1},
-        "synthesis": {"methods": ["augment"], "images_per_support": 2},
+        "synthesis": {"methods": ["augment", "copy"], "images_per_support": 2},
         "evaluate": {"heads": ["prototype", "linear"], "linear_l2": [0.01, 1.0], "linear_max_iter": 30,
                      "finetune": True, "finetune_episodes": 1, "finetune_steps": 1},
     }}
@@ -53,7 +54,8 @@ def test_end_to_end_outputs(project):
     assert json.loads((d / "dataset" / "integrity.json").read_text())["images"] == 240
     rows = read_accuracy_csv(r / "accuracy.csv")
     combos = {(x["method"], x["head"], x["shot"]) for x in rows}
-    assert combos == {(m, h, k) for m in ("real-only", "augment") for h in ("prototype", "linear", "finetune") for k in (1, 5)}
+    assert combos == {(m, h, k) for m in ("real-only", "augment", "copy") for h in ("prototype", "linear", "finetune")
+                      for k in (1, 5)}
     assert all(x["episodes"] == (1 if x["head"] == "finetune" else 30) for x in rows)
     proto5 = next(x for x in rows if x == {**x, "method": "real-only", "head": "prototype", "shot": 5})
     assert proto5["mean"] > 0.5  # 3-way digits: chance is 1/3
@@ -62,12 +64,37 @@ def test_end_to_end_outputs(project):
     hp = json.loads((r / "hparams.json").read_text())["augment/linear/1shot"]
     assert hp["selected"]["l2"] in (0.01, 1.0) and len(hp["validation"]) == 2
     assert len(list((d / "synthetic" / "augment").rglob("*.png"))) == 3 * 2 * 2 * 2  # classes x shots x trials x M
+    # 1-shot copies of the support image add nothing a prototype can use: same accuracy per episode
+    acc = json.loads((r / "episodes.json").read_text())
+    assert acc["copy/prototype/1shot"] == acc["real-only/prototype/1shot"]
     md = (r / "accuracy.md").read_text()
     assert "| real-only |" in md and "trained from scratch on the base (meta-train) classes, 2 epochs" in md
     assert json.loads((r / "metrics.json").read_text())["digits"]["prototype"]["augment"]["1shot"]["episodes"] == 30
     assert (r / "accuracy_vs_shots.png").is_file() and (r / "samples" / "augment" / "seven.png").is_file()
     assert "digits — linear head" in (project / "results" / "fewshot.md").read_text()
     assert (d / "config" / "features.json").is_file()
+
+
+def test_synthetic_features_belong_to_their_support_set(project):
+    """Each (class, shot, trial)'s synthetic features are the features of that support set's images
+    (the copy generator reproduces them), so no image lands on another class or trial."""
+    import torch
+
+    from benchmarks.fewshot.sampling import read_supports
+    from benchmarks.fewshot.stages import Run, _features
+
+    run = Run(load_section(FewShotParams, "fewshot", project / "params.yaml"), "digits")
+    table, synth = _features(run)
+    supports = read_supports(run.dir / "supports.csv")
+    tested = 0
+    for s in supports:
+        if s.split != "test":
+            continue
+        copies = synth["copy"][s.key]
+        expected = table[torch.tensor([s.rows[j % s.shot] for j in range(2)])]
+        assert torch.allclose(copies, expected, atol=1e-4), s.key
+        tested += 1
+    assert tested == 3 * 2 * 2
 
 
 def test_rerun_redoes_nothing_and_is_deterministic(project):
