@@ -154,3 +154,16 @@ def test_benchmark_from_a_json_spec_file(tmp_path):
     path = data.save_spec_json(spec, tmp_path / "digits.json")
     assert get_benchmark(str(path)) == spec
     assert get_benchmark(str(path), hf_id="elsewhere").hf_id == "elsewhere"
+
+
+def test_shipped_split_files_are_the_published_bytes():
+    import hashlib
+    from importlib import resources
+
+    expected = {"miniimagenet/classes.json": "b70980f486de7f37", "cifar-fs/train.json": "e0feef3aef13fc73",
+                "cifar-fs/val.json": "d9d6e267b5dad5c2", "cifar-fs/test.json": "e199c74ef4f014ea",
+                "cub/train.json": "ec90b228abb61002", "cub/val.json": "fff92a7293e7e529",
+                "cub/test.json": "41c79218a7bd4c2f", "imagenet/imagenet_class_index.json": "ecae206bed9024d3"}
+    root = resources.files("benchmarks.fewshot").joinpath("splits")
+    got = {name: hashlib.sha256(root.joinpath(*name.split("/")).read_bytes()).hexdigest()[:16] for name in expected}
+    assert got == expected
