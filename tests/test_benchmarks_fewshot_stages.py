@@ -10,7 +10,7 @@ from fewshot_digits import single_torch_thread, augment_generator, copy_generato
 
 from benchmarks.fewshot.registry import register_benchmark
 from benchmarks.fewshot.reports import read_accuracy_csv
-from benchmarks.fewshot.stages import FewShotParams, main
+from benchmarks.fewshot.stages import BackboneParams, FewShotParams, main
 from benchmarks.fewshot.synthesis import register_generator
 from benchmarks.params import load_section
 
@@ -45,8 +45,8 @@ def _mtimes(root):
 
 def test_params_section_is_typed():
     p = load_section(FewShotParams, "fewshot", Path(__file__).parents[1] / "params.yaml")
-    assert p.benchmarks == ["cub", "miniimagenet", "cifar-fs"] and p.test_episodes == 600 and p.queries == 15
-    assert p.methods[0] == "real-only" and p.backbone.pretrained is False
+    assert isinstance(p.backbone, BackboneParams) and all(isinstance(k, int) for k in p.shots)
+    assert p.methods[0] == "real-only" and p.methods.count("real-only") == 1
 
 
 def test_end_to_end_outputs(project):
