@@ -148,7 +148,11 @@ def prepare(spec: BenchmarkSpec, out_dir: str | Path, source: datasets.DatasetDi
     Skips all work if ``out_dir`` already holds a prepared dataset that passes the count check."""
     out_dir = Path(out_dir)
     if (out_dir / INTEGRITY_FILE).is_file():
-        verify(datasets.load_from_disk(str(out_dir)), spec, check_images=False)
+        try:
+            verify(datasets.load_from_disk(str(out_dir)), spec, check_images=False)
+        except DatasetIntegrityError as e:
+            raise DatasetIntegrityError(f"{e}\n(the prepared copy in {out_dir} does not match the benchmark; "
+                                        "delete that directory to rebuild it)") from None
         return out_dir
     if out_dir.exists():  # a directory without its integrity record is an interrupted earlier attempt
         shutil.rmtree(out_dir)
