@@ -110,6 +110,8 @@ def test_damaged_prepared_copy_is_caught_on_load(source, tmp_path):
     bigger = digits_spec(source, per_class=PER_CLASS + 1)
     with pytest.raises(data.DatasetIntegrityError, match="expected 25"):
         data.load_prepared(bigger, out)
+    with pytest.raises(data.DatasetIntegrityError, match="delete that directory to rebuild it"):
+        data.prepare(bigger, out)
     with pytest.raises(FileNotFoundError, match="run the download stage"):
         data.load_prepared(spec, tmp_path / "nothing")
 
