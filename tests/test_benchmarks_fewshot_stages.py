@@ -43,8 +43,9 @@ def _mtimes(root):
     return {p: p.stat().st_mtime_ns for p in (root / "data").rglob("*") if p.is_file() and "config" not in p.parts}
 
 
-def test_params_section_is_typed():
-    p = load_section(FewShotParams, "fewshot", Path(__file__).parents[1] / "params.yaml")
+@pytest.mark.parametrize("params", ["profiles/paper/params.yaml"])
+def test_params_section_is_typed(params):
+    p = load_section(FewShotParams, "fewshot", Path(__file__).parents[1] / params)
     assert isinstance(p.backbone, BackboneParams) and all(isinstance(k, int) for k in p.shots)
     assert p.methods[0] == "real-only" and p.methods.count("real-only") == 1
 
