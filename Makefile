@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # torch first: its wheel decides the CUDA/CPU flavour; override on GPU machines if needed.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install repro test perf clean-venv
+.PHONY: install repro paper test perf clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ install: $(STAMP)
 
 repro: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" dvc repro
+
+# The paper profile (CUB-200, miniImageNet, CIFAR-FS): a GPU machine with internet.
+paper: $(STAMP)
+	PATH="$(abspath $(VENV))/bin:$$PATH" dvc repro profiles/paper/dvc.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -12,7 +12,12 @@ Methods (the authors' names are aliases):
 * ``sd`` / ``StableDiffusion`` — plain text-to-image (references optional, only shown on the sheet);
 * ``seedselect`` / ``SeedSelect`` — seed optimisation against the references (≥ 1 image);
 * ``nao-seedselect`` / ``NAO_SeedSelect`` — DDIM-invert the references, NAO centroid + paths, short
-  SeedSelect runs from the path points (≥ 2 images).
+  SeedSelect runs from the path points (≥ 2 images);
+* ``dct`` — Discriminative Class Tokens: learn a class token against a classifier, then generate
+  (no references): ``python -m pipelines generate dct --class-name "tiger cat" \\
+  --classifier google/vit-large-patch16-224 --out out/tiger_cat --num-images 10``. The class is a
+  label name (or index) of the classifier; ``timm:<arch> --classifier-checkpoint C
+  --classifier-labels L`` uses a timm model. The learned token is cached and reused.
 
 Presets: ``--preset reference`` (default) reproduces the authors' settings (20 DDIM steps, guidance
 7.5, 30 iterations, lr 0.1 → 0.01, fp32, one seed at a time). ``--preset fast`` is our
@@ -51,7 +56,8 @@ from .components import DEFAULT_IMAGE_ENCODER_ID, DEFAULT_MODEL_ID
 
 # flag -> settings field, applied only when the method's settings have that field
 _SHORTCUTS = {"steps": "num_inference_steps", "guidance": "guidance_scale", "iterations": "iterations",
-              "batch_size": "batch_size", "prompt_template": "prompt_template"}
+              "batch_size": "batch_size", "prompt_template": "prompt_template", "classifier": "classifier",
+              "classifier_checkpoint": "classifier_checkpoint", "classifier_labels": "classifier_labels"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate images of one concept",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g.add_argument("method", metavar="METHOD", help=f"one of {', '.join(method_names())}")
-    g.add_argument("--prompt", required=True, help="concept name or prompt (filled into --prompt-template)")
+    what = g.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="concept name or prompt (filled into --prompt-template)")
+    what.add_argument("--class-name", dest="prompt", help="class name (dct: a label of --classifier)")
     g.add_argument("--refs", type=Path, help="folder of reference images")
     g.add_argument("--out", type=Path, required=True, help="output folder")
     g.add_argument("--num-images", type=int, default=1)
@@ -77,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--iterations", type=int, help="optimisation iterations")
     g.add_argument("--batch-size", type=int, help="seeds per batch")
     g.add_argument("--prompt-template", help='e.g. "a photo of a {}"')
+    g.add_argument("--classifier", help="dct: transformers image classifier id/folder, or timm:<arch>")
+    g.add_argument("--classifier-checkpoint", help="dct: checkpoint of a timm classifier")
+    g.add_argument("--classifier-labels", help="dct: text file of class names, one per line")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any setting")
     g.add_argument("--cache-dir", type=Path, help="default: <out>/cache")
     g.add_argument("--no-progress", action="store_true")

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-PLUGIN_MODULES: tuple[str, ...] = ()  # e.g. ("pipelines.dct",): modules that call register_method on import
+PLUGIN_MODULES: tuple[str, ...] = ("pipelines.dct",)  # modules that call register_method on import
 
 
 @dataclass

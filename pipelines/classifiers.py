@@ -1,0 +1,161 @@
+"""Image classifiers behind one interface: a transformers image-classification model (hub id or
+folder) or a timm architecture with a checkpoint. Used to *guide* generation (Discriminative Class
+Tokens) and, as a separate instance, to *score* it: the preprocessing is differentiable so a
+classifier loss can reach the generator.
+
+``load_classifier("google/vit-large-patch16-224")`` or
+``load_classifier("timm:resnet50", checkpoint="ckpt.pth", labels="labels.txt")``.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+TIMM_PREFIX = "timm:"
+
+
+@dataclass
+class ImageClassifier:
+    """A frozen classifier with its label names and its (differentiable) input transform:
+    bicubic resize of the short side to ``resize``, centre crop to ``input_size``, mean/std."""
+
+    model: torch.nn.Module
+    labels: list[str]
+    input_size: tuple[int, int]
+    resize: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    source: str = ""
+    kind: str = "module"  # "transformers", "timm" or "module"
+
+    def __post_init__(self) -> None:
+        self.model.eval().requires_grad_(False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def to(self, device=None, dtype=None) -> "ImageClassifier":
+        self.model.to(device=device, dtype=dtype)
+        return self
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """[0, 1] images (B, 3, H, W) -> normalised classifier input; differentiable."""
+        h, w = images.shape[-2:]
+        scale = self.resize / min(h, w)
+        size = (max(self.input_size[0], round(h * scale)), max(self.input_size[1], round(w * scale)))
+        x = F.interpolate(images, size=size, mode="bicubic", align_corners=False)
+        top, left = (size[0] - self.input_size[0]) // 2, (size[1] - self.input_size[1]) // 2
+        x = x[..., top:top + self.input_size[0], left:left + self.input_size[1]]
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        return (x - mean) / std
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits (B, num_classes) in float32 for [0, 1] images; differentiable w.r.t. the images."""
+        x = self.preprocess(images.to(self.device)).to(self.dtype)
+        out = self.model(x)
+        out = getattr(out, "logits", out)
+        return out.float()
+
+    def class_index(self, name_or_index: str | int) -> int:
+        """Index of a class given by index or by name (case-insensitive; any comma-separated synonym
+        of a label matches, e.g. "tabby" for "tabby, tabby cat"). Unknown names raise a ValueError
+        that lists close matches."""
+        if isinstance(name_or_index, int) or (isinstance(name_or_index, str) and name_or_index.strip().isdigit()):
+            index = int(name_or_index)
+            if not 0 <= index < len(self.labels):
+                raise ValueError(f"class index {index} out of range: {self.source or 'classifier'} has "
+                                 f"{len(self.labels)} classes")
+            return index
+        wanted = _norm(name_or_index)
+        names: dict[str, int] = {}
+        for i, label in enumerate(self.labels):
+            for synonym in [label, *label.split(",")]:
+                names.setdefault(_norm(synonym), i)
+        if wanted in names:
+            return names[wanted]
+        close = difflib.get_close_matches(wanted, list(names), n=5, cutoff=0.6)
+        hint = f"; close matches: {', '.join(repr(c) for c in close)}" if close else ""
+        raise ValueError(f"unknown class {name_or_index!r} for classifier {self.source or '(module)'} "
+                         f"({len(self.labels)} classes){hint}")
+
+
+def _norm(name: str) -> str:
+    return " ".join(name.replace("_", " ").lower().split())
+
+
+def load_classifier(source: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
+                    labels: str | os.PathLike | Sequence[str] | None = None,
+                    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> ImageClassifier:
+    """A transformers image classifier (hub id or folder), or ``timm:<architecture>`` with a
+    checkpoint (``labels``: a text file with one class name per line, or a list)."""
+    source = str(source)
+    if source.startswith(TIMM_PREFIX):
+        clf = _load_timm(source[len(TIMM_PREFIX):], checkpoint, labels)
+    else:
+        clf = _load_transformers(source, labels)
+    return clf.to(device=device, dtype=dtype)
+
+
+def _label_list(labels: str | os.PathLike | Sequence[str] | None) -> list[str] | None:
+    if labels is None:
+        return None
+    if isinstance(labels, (str, os.PathLike)):
+        path = Path(labels)
+        if not path.is_file():
+            raise FileNotFoundError(f"label file not found: {path}")
+        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return [str(x) for x in labels]
+
+
+def _load_transformers(source: str, labels) -> ImageClassifier:
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    local = Path(source).exists() or source.startswith((".", "/", "~")) or source.count("/") != 1
+    if local and not Path(source).is_dir():
+        raise FileNotFoundError(f"classifier folder not found: {source}")
+    model = AutoModelForImageClassification.from_pretrained(source)
+    proc = AutoImageProcessor.from_pretrained(source)
+    names = _label_list(labels) or [model.config.id2label[i] for i in range(model.config.num_labels)]
+    size = proc.size
+    if getattr(proc, "do_center_crop", False) and getattr(proc, "crop_size", None):
+        crop = (int(proc.crop_size["height"]), int(proc.crop_size["width"]))
+        resize = int(size.get("shortest_edge") or size.get("height"))
+    else:  # resized straight to (height, width), e.g. ViT
+        crop = (int(size.get("height") or size["shortest_edge"]), int(size.get("width") or size["shortest_edge"]))
+        resize = min(crop)
+    return ImageClassifier(model, names, crop, resize, tuple(proc.image_mean), tuple(proc.image_std),
+                           source=source, kind="transformers")
+
+
+def _load_timm(name: str, checkpoint, labels) -> ImageClassifier:
+    import timm
+    from timm.data import resolve_data_config
+
+    names = _label_list(labels)
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"classifier checkpoint not found: {checkpoint}")
+    kwargs = {"num_classes": len(names)} if names else {}
+    model = timm.create_model(name, pretrained=False, checkpoint_path=str(checkpoint) if checkpoint else "", **kwargs)
+    if names is None:
+        if model.num_classes != 1000:
+            raise ValueError(f"timm:{name} has {model.num_classes} classes: pass labels=<file with one name per line>")
+        from timm.data import ImageNetInfo
+
+        names = [ImageNetInfo().index_to_description(i) for i in range(1000)]
+    cfg = resolve_data_config({}, model=model)
+    size = tuple(int(s) for s in cfg["input_size"][1:])
+    resize = int(round(min(size) / float(cfg.get("crop_pct", 1.0))))
+    return ImageClassifier(model, names, size, resize, tuple(cfg["mean"]), tuple(cfg["std"]),
+                           source=f"{TIMM_PREFIX}{name}", kind="timm")
