@@ -331,6 +331,21 @@ def test_cli_nao_seedselect(folders, tmp_path):
     assert len(list((out / "cache").glob("nao-*.safetensors"))) == 1
 
 
+def test_python_api_with_dict_settings(comps, tmp_path):
+    from pipelines import generate_concept
+
+    refs = [noise_image(0), noise_image(1, (20, 20), "L")]
+    records = generate_concept("seedselect", "tiger cat", refs, tmp_path / "out", 2,
+                               {"num_inference_steps": 2, "iterations": 1, "last_k_weights": (1.0,)}, 7,
+                               components=comps, device="cpu", progress=False)
+    assert [r["index"] for r in records] == [0, 1] and records[0]["settings"]["iterations"] == 1
+    assert records[0]["seed"] == 7 and records[0].path.is_file()
+    records[1].save(tmp_path / "copy.png")
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "copy.png")), np.asarray(records[1].image()))
+    with pytest.raises(ValueError, match="unknown setting"):
+        generate_concept("seedselect", "x", refs, tmp_path / "o2", 1, {"learning_rate": 1}, components=comps)
+
+
 @pytest.mark.parametrize("case, message", [
     ("missing", "reference folder not found"),
     ("empty", "contains no images"),
