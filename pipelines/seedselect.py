@@ -130,7 +130,9 @@ class SeedSelectPipeline(ConceptPipeline):
 
     def compute_losses(self, seeds: torch.Tensor, targets: Sequence[Target], settings: SeedSelectSettings,
                        iteration: int) -> dict[str, torch.Tensor]:
-        """Per-seed losses (B,) of one forward pass, plus the final images (B, 3, H, W) in [0, 1]."""
+        """Per-seed losses (B,) of one forward pass, plus the final images (B, 3, H, W) in [0, 1].
+
+        ``iteration`` is not used here; it lets a subclass schedule its loss (the tests script one)."""
         k = len(settings.last_k_weights)
         cond = torch.stack([t.prompt_embeds for t in targets])
         uncond = None

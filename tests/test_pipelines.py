@@ -125,6 +125,23 @@ def test_load_reference_images_errors_and_conversions(tmp_path, folders):
 
 
 # ------------------------------------------------------------------------------- SeedSelect
+def test_reference_presets_are_the_authors_settings():
+    from pipelines.registry import get_method
+
+    s = get_method("SeedSelect").settings("reference")
+    assert (s.num_inference_steps, s.guidance_scale, s.iterations, s.lr, s.lr_after, s.lr_switch_iteration,
+            s.weight_decay, s.semantic_weight, s.appearance_weight, s.last_k_weights, s.batch_size, s.bootstrap,
+            s.dtype) == (20, 7.5, 30, 0.1, 0.01, 3, 0.01, 10.0, 1.0, (0.05, 0.25, 0.70), 1, False, "fp32")
+    n = get_method("NAO_SeedSelect").settings("reference")
+    assert (n.iterations, n.lr, n.lr_after, n.lr_switch_iteration, n.guidance_scale, n.inversion_steps,
+            n.n_points) == (5, 0.05, 0.005, 3, 1.0, 50, 50)
+    assert get_method("sd").settings("fast", "cuda").dtype == "bf16"
+    assert get_method("sd").settings("fast", "cpu").dtype == "fp32"
+    sched = C.ddim_scheduler(tiny_components().scheduler.config)
+    sched.set_timesteps(20)
+    assert sched.timesteps[0] == 951 and sched.timesteps[-1] == 1
+
+
 def test_semantic_distance_matches_hand_computation():
     e = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
     cents = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-0.6, 0.8]])
