@@ -33,6 +33,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable on a shared CPU)")
     parser.add_argument("--memory-steps", type=int, nargs=2, default=[10, 50])
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--preset-images", type=int, default=0,
+                        help="also time generate_concept per image for the reference and fast presets "
+                             "(test-size tiny models; 0, the default, skips: ~4 min for 4 images)")
     parser.add_argument("--sd21", action="store_true",
                         help="GPU: the full SD 2.1-base + CLIP ViT-H/14 architectures with random weights at 512x512; "
                              "seconds per SeedSelect iteration and peak GPU memory for the reference and fast presets")
@@ -242,10 +245,40 @@ def _sd21(args) -> dict:
     return {"sd21_base_512": out}
 
 
+def _presets(args) -> dict:
+    """Wall seconds per image of ``generate_concept('seedselect', ...)`` under each preset (CPU)."""
+    import tempfile
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from pipelines.generate import generate_concept
+    from pipelines.testing import tiny_components
+
+    torch.set_num_threads(args.threads)
+    rng = np.random.default_rng(0)
+    refs = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(3)]
+    out = {}
+    for preset in ("reference", "fast"):
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            records = generate_concept("seedselect", "tiger cat", refs, tmp, args.preset_images, preset=preset,
+                                       components=tiny_components(), device="cpu", progress=False)
+            seconds = time.perf_counter() - t0
+        out[f"seconds_per_image_{preset}"] = round(seconds / args.preset_images, 3)
+        out[f"iterations_per_image_{preset}"] = round(
+            sum(len(r["losses"]) - 1 for r in records) / args.preset_images, 2)
+    out["preset_images"] = args.preset_images
+    return out
+
+
 def run(args) -> dict:
     if args.sd21:
         return _sd21(args)
     result = _timing(args)
+    if args.preset_images > 0:
+        result.update(_presets(args))
     if not args.skip_memory:
         lo, hi = args.memory_steps
         mem = {}
