@@ -12,6 +12,10 @@
   threshold otherwise serves the recomputed activations of later steps from a fragmented heap that
   RSS never gives back, which measures the allocator rather than what the optimisation keeps alive;
   the checkpointed ratio under the default allocator is printed too (``..._default_malloc``).
+* ``--preset-images N``: wall seconds and optimisation iterations per image of
+  ``generate_concept("seedselect", ...)`` under the ``reference`` and ``fast`` presets.
+* ``--sd21`` (GPU): the full SD 2.1-base + CLIP ViT-H/14 architectures with random weights at 512x512:
+  seconds per SeedSelect iteration and peak GPU memory for both presets.
 """
 from __future__ import annotations
 
