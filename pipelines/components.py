@@ -90,7 +90,7 @@ class Components(SizesMixin):
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Components":
         for m in self.modules():
-            m.to(device=device, dtype=dtype)
+            m.to(device=device, dtype=None if dtype == m.dtype else dtype)
             m.requires_grad_(False)
             m.eval()
         return self
@@ -125,11 +125,16 @@ def load_components(model: str | os.PathLike = DEFAULT_MODEL_ID,
     model = str(model)
     if _looks_local(model) and not Path(model).is_dir():
         raise FileNotFoundError(f"model folder not found: {model}")
-    vae = AutoencoderKL.from_pretrained(model, subfolder="vae")
-    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
-    text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder")
+    dt = resolve_dtype(dtype)
+    vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dt)
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dt)
+    text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", dtype=dt)
     tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
-    scheduler = ddim_scheduler(DDIMScheduler.load_config(model, subfolder="scheduler"))
+    try:
+        scheduler = ddim_scheduler(DDIMScheduler.load_config(model, subfolder="scheduler"))
+    except OSError:  # a folder without scheduler/: the reference DDIM of SD 2.1-base
+        log.warning("%s has no scheduler config; using the reference DDIM settings", model)
+        scheduler = DDIMScheduler(**REFERENCE_SCHEDULER_CONFIG)
     enc = proc = None
     if image_encoder is not None:
         from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
@@ -137,12 +142,12 @@ def load_components(model: str | os.PathLike = DEFAULT_MODEL_ID,
         image_encoder = str(image_encoder)
         if _looks_local(image_encoder) and not Path(image_encoder).is_dir():
             raise FileNotFoundError(f"image encoder folder not found: {image_encoder}")
-        enc = CLIPVisionModelWithProjection.from_pretrained(image_encoder)
+        enc = CLIPVisionModelWithProjection.from_pretrained(image_encoder, dtype=dt)
         proc = CLIPImageProcessor.from_pretrained(image_encoder)
     comps = Components(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                        image_encoder=enc, image_processor=proc, model_id=model,
                        image_encoder_id=str(image_encoder or ""))
-    return comps.to(device=device, dtype=resolve_dtype(dtype))
+    return comps.to(device=device, dtype=dt)
 
 
 def _looks_local(name: str) -> bool:

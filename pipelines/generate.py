@@ -50,26 +50,43 @@ def _finished(paths: dict[str, Path]) -> bool:
     return all(p.is_file() for p in paths.values())
 
 
+class ImageRecord(dict):
+    """The JSON record of one generated image (a dict), which also knows where its PNG is."""
+
+    def __init__(self, record: dict, path: Path):
+        super().__init__(record)
+        self.path = path
+
+    def image(self) -> Image.Image:
+        return Image.open(self.path)
+
+    def save(self, dest: str | os.PathLike) -> None:
+        """Copy the PNG to ``dest`` (re-encoded if ``dest`` has another suffix)."""
+        self.image().save(dest)
+
+
 def generate_concept(method: str, prompt: str, refs: str | os.PathLike | Sequence[Any] | None, out_dir: str | os.PathLike,
                      num_images: int, settings: Any = None, seed: int = 0, *, preset: str = "reference",
                      model: str | os.PathLike = DEFAULT_MODEL_ID,
                      image_encoder: str | os.PathLike | None = DEFAULT_IMAGE_ENCODER_ID,
                      device: str | None = None, dtype: str | None = None, components: Components | None = None,
-                     cache_dir: str | os.PathLike | None = None, progress: bool = True) -> list[dict]:
-    """Generate images 0..num_images-1 of one concept; returns their JSON records (finished ones reused).
+                     cache_dir: str | os.PathLike | None = None, progress: bool = True) -> list[ImageRecord]:
+    """Generate images 0..num_images-1 of one concept; returns their JSON records (finished ones reused)
+    in index order, as :class:`ImageRecord` dicts with ``.path`` / ``.save(dest)`` for the PNG.
 
     ``refs``: a folder, a list of image paths or PIL images (converted to RGB, any size); ``settings``:
-    the method's settings dataclass (default: ``preset``); ``prompt`` is filled into the settings'
+    the method's settings dataclass, or a dict of overrides on ``preset``; ``prompt`` is filled into the settings'
     ``prompt_template``; ``components``: already loaded models (``model``/``image_encoder`` are then
     only used as ids when the components carry none). Reference encodings, inversions and NAO paths
     are cached in ``cache_dir`` (default ``out_dir/cache``).
     """
     m = get_method(method)
     device = device or default_device()
-    if settings is None:
-        settings = m.settings(preset, device)
+    if settings is None or isinstance(settings, dict):
+        settings = m.settings(preset, device, **(settings or {}))
     elif not isinstance(settings, m.settings_cls):
-        raise TypeError(f"{m.name} takes {m.settings_cls.__name__}, got {type(settings).__name__}")
+        raise TypeError(f"{m.name} takes {m.settings_cls.__name__} or a dict of overrides, "
+                        f"got {type(settings).__name__}")
     if dtype is not None:
         settings = dataclasses.replace(settings, dtype=dtype)
     if settings.dtype is None:
@@ -92,9 +109,10 @@ def generate_concept(method: str, prompt: str, refs: str | os.PathLike | Sequenc
         enc_id = components.image_encoder_id if components is not None and components.image_encoder_id \
             else str(image_encoder)
     full_prompt = format_prompt(prompt, settings.prompt_template)
+    # references enter the run name only for methods that use them (sd shows them on the sheet only)
     config = {"method": m.name, "settings": dataclasses.asdict(settings), "model_id": model_id,
               "image_encoder_id": enc_id or None, "prompt": full_prompt, "seed": seed,
-              "references": [{"name": r.name, "sha256": r.content_hash} for r in references]}
+              "references": [{"name": r.name, "sha256": r.content_hash} for r in references] if m.min_refs else []}
     run = run_name(m.name, config)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / f"{run}.config.json",
@@ -134,7 +152,8 @@ def generate_concept(method: str, prompt: str, refs: str | os.PathLike | Sequenc
             m.run(pipe, job, save)
         finally:
             bar.close()
-    records = [json.loads(_artifacts(out_dir, run, i)["record"].read_text()) for i in range(num_images)]
+    records = [ImageRecord(json.loads(_artifacts(out_dir, run, i)["record"].read_text()),
+                           _artifacts(out_dir, run, i)["image"]) for i in range(num_images)]
     generated = [Image.open(_artifacts(out_dir, run, i)["image"]) for i in range(num_images)]
     save_image(out_dir / f"{run}.contact.png", contact_sheet([r.image for r in references], generated))
     return records

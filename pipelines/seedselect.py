@@ -130,7 +130,9 @@ class SeedSelectPipeline(ConceptPipeline):
 
     def compute_losses(self, seeds: torch.Tensor, targets: Sequence[Target], settings: SeedSelectSettings,
                        iteration: int) -> dict[str, torch.Tensor]:
-        """Per-seed losses (B,) of one forward pass, plus the final images (B, 3, H, W) in [0, 1]."""
+        """Per-seed losses (B,) of one forward pass, plus the final images (B, 3, H, W) in [0, 1].
+
+        ``iteration`` is not used here; it lets a subclass schedule its loss (the tests script one)."""
         k = len(settings.last_k_weights)
         cond = torch.stack([t.prompt_embeds for t in targets])
         uncond = None
@@ -227,6 +229,16 @@ class SeedSelectPipeline(ConceptPipeline):
     def targets_for(self, prompt: str, encodings: ReferenceEncodings, count: int) -> list[Target]:
         emb = encode_prompts(self, [prompt])[0].to(self.compute_dtype)
         return [Target.from_encodings(encodings, emb)] * count
+
+    def class_targets(self, prompts: Sequence[str], encodings: Sequence[ReferenceEncodings],
+                      labels: Sequence[int]) -> list[Target]:
+        """Targets for seeds of several classes optimised together (the contrastive semantic loss):
+        seed b pulls towards class ``labels[b]`` and away from the other classes' centroids."""
+        if len(prompts) != len(encodings):
+            raise ValueError(f"{len(prompts)} prompts but {len(encodings)} reference sets")
+        emb = encode_prompts(self, list(prompts)).to(self.compute_dtype)
+        centroids = torch.stack([e.clip_centroid() for e in encodings])
+        return [Target(centroids, int(c), encodings[c].latent_centroid(), emb[c]) for c in labels]
 
     def bootstrap_targets(self, prompt: str, encodings: ReferenceEncodings, indices: Sequence[int],
                           base_seed: int) -> list[Target]:

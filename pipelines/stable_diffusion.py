@@ -7,7 +7,7 @@ device.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -28,7 +28,6 @@ class StableDiffusionSettings:
 class StableDiffusionOutput:
     images: list
     seeds: torch.Tensor                 # (B, C, h, w) initial noise, compute dtype, CPU
-    records: list[dict] = field(default_factory=list)
 
 
 class StableDiffusionSamplingPipeline(ConceptPipeline):
@@ -44,5 +43,4 @@ class StableDiffusionSamplingPipeline(ConceptPipeline):
             cond, uncond = self.encode_prompt(prompt, len(chunk), settings.guidance_scale)
             z0 = denoise(self, chunk, cond, uncond, settings.guidance_scale, settings.num_inference_steps)[-1]
             images += to_pil(decode_latents(self, z0))
-        return StableDiffusionOutput(images=images, seeds=z.cpu(),
-                                     records=[{} for _ in images])
+        return StableDiffusionOutput(images=images, seeds=z.cpu())

@@ -125,6 +125,23 @@ def test_load_reference_images_errors_and_conversions(tmp_path, folders):
 
 
 # ------------------------------------------------------------------------------- SeedSelect
+def test_reference_presets_are_the_authors_settings():
+    from pipelines.registry import get_method
+
+    s = get_method("SeedSelect").settings("reference")
+    assert (s.num_inference_steps, s.guidance_scale, s.iterations, s.lr, s.lr_after, s.lr_switch_iteration,
+            s.weight_decay, s.semantic_weight, s.appearance_weight, s.last_k_weights, s.batch_size, s.bootstrap,
+            s.dtype) == (20, 7.5, 30, 0.1, 0.01, 3, 0.01, 10.0, 1.0, (0.05, 0.25, 0.70), 1, False, "fp32")
+    n = get_method("NAO_SeedSelect").settings("reference")
+    assert (n.iterations, n.lr, n.lr_after, n.lr_switch_iteration, n.guidance_scale, n.inversion_steps,
+            n.n_points) == (5, 0.05, 0.005, 3, 1.0, 50, 50)
+    assert get_method("sd").settings("fast", "cuda").dtype == "bf16"
+    assert get_method("sd").settings("fast", "cpu").dtype == "fp32"
+    sched = C.ddim_scheduler(tiny_components().scheduler.config)
+    sched.set_timesteps(20)
+    assert sched.timesteps[0] == 951 and sched.timesteps[-1] == 1
+
+
 def test_semantic_distance_matches_hand_computation():
     e = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
     cents = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-0.6, 0.8]])
@@ -201,6 +218,22 @@ def test_early_stop_fires_per_seed_and_returns_the_best_seed(comps):
     # the other seed went on alone, and its final (never-updated) seed was evaluated too
     assert second.stop_reason == "iterations" and len(second.history) == 9 and second.best_iteration == 8
     assert [n for it, s, n in pipe.seen if it >= 6] == [1, 1, 1]
+
+
+def test_classes_optimised_together_use_the_contrastive_loss(seedselect, encodings):
+    other = C.ReferenceEncodings(clip=-encodings.clip, latents=-encodings.latents)
+    targets = seedselect.class_targets(["a cat", "a dog"], [encodings, other], [0, 1, 1])
+    assert [t.label for t in targets] == [0, 1, 1] and targets[0].clip_centroids.shape[0] == 2
+    torch.testing.assert_close(targets[1].clip_centroids[1], other.clip_centroid())
+    settings = SeedSelectSettings(**FAST)
+    z = C.random_seeds(seedselect.latent_shape, [0, 1, 2])
+    with torch.no_grad():
+        joint = seedselect.compute_losses(z, targets, settings, 0)["semantic"]
+        alone = seedselect.compute_losses(z, seedselect.targets_for("a cat", encodings, 3), settings, 0)["semantic"]
+    # class 0 vs its opposite: the softmax term is log(1 + exp(d0 - d1)) != the plain distance d0
+    assert torch.isfinite(joint).all() and not torch.allclose(joint[0], alone[0])
+    results = seedselect.optimize(z, targets, settings, progress=False)
+    assert len(results) == 3 and all(math.isfinite(r.best_loss) for r in results)
 
 
 def test_non_finite_loss_is_a_clear_error(seedselect, encodings):
@@ -313,6 +346,21 @@ def test_cli_nao_seedselect(folders, tmp_path):
     assert recs[0]["settings"]["guidance_scale"] == 1.0 and recs[0]["settings"]["lr"] == 0.05
     assert len(list((out / "cache").glob("inverted-*.safetensors"))) == 1
     assert len(list((out / "cache").glob("nao-*.safetensors"))) == 1
+
+
+def test_python_api_with_dict_settings(comps, tmp_path):
+    from pipelines import generate_concept
+
+    refs = [noise_image(0), noise_image(1, (20, 20), "L")]
+    records = generate_concept("seedselect", "tiger cat", refs, tmp_path / "out", 2,
+                               {"num_inference_steps": 2, "iterations": 1, "last_k_weights": (1.0,)}, 7,
+                               components=comps, device="cpu", progress=False)
+    assert [r["index"] for r in records] == [0, 1] and records[0]["settings"]["iterations"] == 1
+    assert records[0]["seed"] == 7 and records[0].path.is_file()
+    records[1].save(tmp_path / "copy.png")
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "copy.png")), np.asarray(records[1].image()))
+    with pytest.raises(ValueError, match="unknown setting"):
+        generate_concept("seedselect", "x", refs, tmp_path / "o2", 1, {"learning_rate": 1}, components=comps)
 
 
 @pytest.mark.parametrize("case, message", [
