@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from fewshot_digits import single_torch_thread  # noqa: F401  (autouse fixture)
 
@@ -124,3 +125,16 @@ def test_stale_source_is_caught_by_the_integrity_check(project, tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({**p, "fewshot": fs}))
     with pytest.raises(DatasetIntegrityError, match="delete that directory"):
         stages.main(["download", "--params", str(tmp_path / "params.yaml")])
+
+
+def test_backbone_training_is_reproducible(project):
+    """The base-class backbone is a function of the seed: retrained from scratch, same weights."""
+    from safetensors.torch import load_file
+
+    backbone = project / "fewshot" / "mini-digits" / "backbone"
+    (path,) = backbone.glob("*.safetensors")
+    first = load_file(str(path))
+    path.unlink()
+    stages.main(["features", "--params", str(project / "params.yaml")])
+    second = load_file(str(path))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)

@@ -187,6 +187,7 @@ def _backbone(run: Run) -> tuple[torch.nn.Module, str]:
         splits, all_labels = run.ds["split"], run.ds["label"]
         train = [i for i, s in enumerate(splits) if s == "train"]
         labels = [all_labels[i] for i in train]
+        torch.manual_seed(cfg.seed)  # the initialisation: train_backbone seeds only what comes after it
         model = clf.train_backbone(clf.create_backbone(b.name), run.image, train, labels, run.image_size, cfg,
                                    device=run.device, num_workers=b.num_workers, progress=run.p.progress)
         clf.save_backbone(model.cpu(), path, recipe)
