@@ -61,6 +61,8 @@ class DiffusionConfig:
     lr: float = 1e-3
     warmup_steps: int = 100
     prompt_dropout: float = 0.1        # classifier-free guidance: prompt replaced by "" this often
+    train_text_encoder: bool = True    # learn the (random-init) text encoder with the UNet
+    text_lr: float = 1e-3
     ema_decay: float = 0.999
     seed: int = 0
 

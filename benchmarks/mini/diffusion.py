@@ -93,16 +93,32 @@ def train(cfg: MiniConfig) -> dict:
         std = torch.cat([p.std for p in posts]) * sf
     n_cls = len(cfg.class_names)
     # rows 0..n_cls-1: class prompts, row n_cls: the empty prompt (unconditional branch)
-    context = encode_prompts(tok, text_encoder, [cfg.prompt(c) for c in range(n_cls)] + [""])
+    prompts = [cfg.prompt(c) for c in range(n_cls)] + [""]
+    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids
+    context = encode_prompts(tok, text_encoder, prompts)
 
     torch.manual_seed(dc.seed)
     unet = build_unet(cfg, mean.shape[1], mean.shape[-1], context.shape[-1])
     sched = build_scheduler()
     alphas = sched.alphas_cumprod
     gen = torch.Generator().manual_seed(dc.seed)
-    opt = torch.optim.AdamW(unet.parameters(), lr=dc.lr, weight_decay=0.01)
+    # The mini text encoder stands in for a pretrained CLIP that already tells concepts apart; a
+    # frozen *random* one makes the class prompts nearly identical and the UNet ignores them, so
+    # by default it learns with the UNet (both are saved, the pipeline loads them as SD's).
+    models = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
+    # the 49k-row vocabulary stays frozen (distinct random rows already name the classes); the
+    # transformer layers learn to carry the class word to every position the UNet attends to
+    text_encoder.requires_grad_(False)
+    params = [{"params": unet.parameters()}]
+    if dc.train_text_encoder:
+        text_encoder.train()
+        text_encoder.encoder.requires_grad_(True)
+        text_encoder.final_layer_norm.requires_grad_(True)
+        params.append({"params": [p for p in text_encoder.parameters() if p.requires_grad], "lr": dc.text_lr})
+    opt = torch.optim.AdamW(params, lr=dc.lr, weight_decay=0.01)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, dc.steps, dc.warmup_steps))
-    ema = Ema(unet, dc.ema_decay)
+    ema = Ema(models, dc.ema_decay)
     seen = torch.zeros(n_cls, dtype=torch.long)
     log = []
     unet.train()
@@ -115,20 +131,22 @@ def train(cfg: MiniConfig) -> dict:
         a = alphas[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         drop = torch.rand(dc.batch_size, generator=gen) < dc.prompt_dropout
+        if dc.train_text_encoder:
+            context = text_encoder(ids)[0]
         cond = context[torch.where(drop, n_cls, labels[idx])]
         loss = F.mse_loss(unet(zt, t, encoder_hidden_states=cond).sample, noise)
         check_finite(loss, "mini diffusion", step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(models.parameters(), 1.0)
         opt.step()
         lr_sched.step()
-        ema.update(unet)
+        ema.update(models)
         if step % 50 == 0 or step == dc.steps - 1:
             log.append({"step": step, "loss": loss.item()})
             bar.set_postfix(loss=f"{loss.item():.4f}")
-    unet.load_state_dict(ema.shadow)
-    unet.eval()
+    models.load_state_dict(ema.shadow)
+    models.eval().requires_grad_(False)
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet, scheduler=sched,
         safety_checker=None, feature_extractor=build_image_processor(cfg), requires_safety_checker=False,
