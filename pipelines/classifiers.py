@@ -18,6 +18,27 @@ import torch
 import torch.nn.functional as F
 
 TIMM_PREFIX = "timm:"
+# Benchmark code marks every classifier that *scores* generated images with this file; such a model
+# may never *guide* generation (a method optimised against its own judge would score itself).
+EVALUATOR_MARKER = "fidelity_evaluator.json"
+
+
+def mark_as_evaluator(folder: str | os.PathLike) -> Path:
+    """Mark ``folder`` (a saved classifier) as a fidelity evaluator: it can no longer guide generation."""
+    path = Path(folder) / EVALUATOR_MARKER
+    path.write_text('{"role": "fidelity evaluator: scores generated images, never guides them"}\n')
+    return path
+
+
+def check_not_evaluator(source: str | os.PathLike, checkpoint: str | os.PathLike | None = None) -> None:
+    """Raise if ``source`` or ``checkpoint`` belongs to a folder marked as a fidelity evaluator."""
+    candidates = [Path(str(source))] if not str(source).startswith(TIMM_PREFIX) else []
+    if checkpoint is not None:
+        candidates += [Path(checkpoint), Path(checkpoint).parent]
+    for folder in candidates:
+        if folder.is_dir() and (folder / EVALUATOR_MARKER).is_file():
+            raise ValueError(f"{folder} is a fidelity evaluator ({EVALUATOR_MARKER}): it scores generated images "
+                             "and cannot guide their generation; use an independent classifier")
 
 
 @dataclass
@@ -97,10 +118,14 @@ def _norm(name: str) -> str:
 
 def load_classifier(source: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
                     labels: str | os.PathLike | Sequence[str] | None = None,
-                    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> ImageClassifier:
+                    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                    for_guidance: bool = False) -> ImageClassifier:
     """A transformers image classifier (hub id or folder), or ``timm:<architecture>`` with a
-    checkpoint (``labels``: a text file with one class name per line, or a list)."""
+    checkpoint (``labels``: a text file with one class name per line, or a list). With
+    ``for_guidance`` a classifier marked as a fidelity evaluator is refused."""
     source = str(source)
+    if for_guidance:
+        check_not_evaluator(source, checkpoint)
     if source.startswith(TIMM_PREFIX):
         clf = _load_timm(source[len(TIMM_PREFIX):], checkpoint, labels)
     else:

@@ -292,7 +292,8 @@ def train_or_load_token(pipe: DctPipeline, classifier: ImageClassifier, class_na
 def _run_dct(pipe: DctPipeline, job: Job, callback) -> None:
     """Registry adapter: train (or reuse) the token of class ``job.prompt``, then generate."""
     s = job.settings
-    classifier = load_classifier(s.classifier, s.classifier_checkpoint, s.classifier_labels, device=pipe.device)
+    classifier = load_classifier(s.classifier, s.classifier_checkpoint, s.classifier_labels, device=pipe.device,
+                                 for_guidance=True)
     token, path = train_or_load_token(pipe, classifier, job.prompt, job.cache_dir, s, progress=job.progress)
     record = {"token_file": str(path), "class_index": token.class_index, "classifier": classifier.source,
               "token_record": {k: v for k, v in token.record.items() if k != "settings"}}

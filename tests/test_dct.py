@@ -254,3 +254,23 @@ def test_cli_unknown_class_lists_close_matches(saved, tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "unknown class 'tigger cat'" in err and "'tiger cat'" in err
+
+
+def test_a_fidelity_evaluator_can_never_guide(saved, tmp_path, capsys):
+    import shutil
+
+    from pipelines.__main__ import main
+    from pipelines.classifiers import mark_as_evaluator
+
+    judge = tmp_path / "judge"
+    shutil.copytree(saved / "clf", judge)
+    load_classifier(judge)  # scoring with it is fine
+    mark_as_evaluator(judge)
+    load_classifier(judge)
+    with pytest.raises(ValueError, match="fidelity evaluator"):
+        load_classifier(judge, for_guidance=True)
+    with pytest.raises(ValueError, match="fidelity evaluator"):
+        load_classifier("timm:test_resnet", checkpoint=judge / "model.safetensors", labels=LABELS, for_guidance=True)
+    code = main(["generate", "dct", "--class-name", "tiger cat", "--classifier", str(judge),
+                 "--model", str(saved / "sd"), "--out", str(tmp_path / "out"), "--device", "cpu", "--no-progress"])
+    assert code == 2 and "cannot guide" in capsys.readouterr().err

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from pipelines.classifiers import mark_as_evaluator
 from pipelines.io import save_tensors, write_json
 
 from . import data
@@ -114,4 +115,5 @@ def train(cfg: MiniConfig) -> dict:
         save_tensors(tmp / "model.safetensors", model.state_dict())
         write_json(tmp / "config.json", config)
         write_json(tmp / "training.json", report)
+        mark_as_evaluator(tmp)  # the fidelity judge: refused as a DCT guide
     return report
