@@ -10,12 +10,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from pipelines.io import write_json
 
 from . import data
-from .common import Timer, atomic_dir, check_finite, warmup_cosine
+from .common import Timer, atomic_dir, train_loop
 from .config import MiniConfig
 
 # ALGORITHMS.md section 1: the SD 2.1-base DDIM configuration
@@ -116,35 +115,25 @@ def train(cfg: MiniConfig) -> dict:
         text_encoder.encoder.requires_grad_(True)
         text_encoder.final_layer_norm.requires_grad_(True)
         params.append({"params": [p for p in text_encoder.parameters() if p.requires_grad], "lr": dc.text_lr})
-    opt = torch.optim.AdamW(params, lr=dc.lr, weight_decay=0.01)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, dc.steps, dc.warmup_steps))
     ema = Ema(models, dc.ema_decay)
     seen = torch.zeros(n_cls, dtype=torch.long)
-    log = []
-    unet.train()
-    for step in (bar := tqdm(range(dc.steps), desc="mini diffusion", mininterval=5)):
+
+    def step_fn(step: int) -> dict:
         idx = torch.multinomial(weights, dc.batch_size, replacement=True, generator=gen)
-        seen += torch.bincount(labels[idx], minlength=n_cls)
+        seen.add_(torch.bincount(labels[idx], minlength=n_cls))
         z0 = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)
         noise = torch.randn(z0.shape, generator=gen)
         t = torch.randint(0, sched.config.num_train_timesteps, (dc.batch_size,), generator=gen)
         a = alphas[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         drop = torch.rand(dc.batch_size, generator=gen) < dc.prompt_dropout
-        if dc.train_text_encoder:
-            context = text_encoder(ids)[0]
-        cond = context[torch.where(drop, n_cls, labels[idx])]
-        loss = F.mse_loss(unet(zt, t, encoder_hidden_states=cond).sample, noise)
-        check_finite(loss, "mini diffusion", step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(models.parameters(), 1.0)
-        opt.step()
-        lr_sched.step()
-        ema.update(models)
-        if step % 50 == 0 or step == dc.steps - 1:
-            log.append({"step": step, "loss": loss.item()})
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+        ctx = text_encoder(ids)[0] if dc.train_text_encoder else context
+        cond = ctx[torch.where(drop, n_cls, labels[idx])]
+        return {"loss": F.mse_loss(unet(zt, t, encoder_hidden_states=cond).sample, noise)}
+
+    unet.train()
+    log = train_loop("mini diffusion", params, steps=dc.steps, lr=dc.lr, weight_decay=0.01, warmup=dc.warmup_steps,
+                     step_fn=step_fn, clip_grad=1.0, after_step=lambda: ema.update(models))
     models.load_state_dict(ema.shadow)
     models.eval().requires_grad_(False)
     pipe = StableDiffusionPipeline(

@@ -11,12 +11,11 @@ from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from pipelines.io import write_json
 
 from . import data
-from .common import Timer, atomic_dir, check_finite, warmup_cosine
+from .common import Timer, atomic_dir, train_loop
 from .config import MiniConfig
 
 MEAN = [0.5, 0.5, 0.5]
@@ -65,24 +64,17 @@ def train(cfg: MiniConfig) -> dict:
     prototypes = torch.nn.Parameter(torch.randn(len(cfg.class_names), ec.projection_dim,
                                                 generator=torch.Generator().manual_seed(ec.seed)))
     gen = torch.Generator().manual_seed(ec.seed)
-    opt = torch.optim.AdamW(list(model.parameters()) + [prototypes], lr=ec.lr, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, ec.steps, 50))
-    log = []
-    model.train()
-    for step in (bar := tqdm(range(ec.steps), desc="mini clip encoder", mininterval=5)):
+
+    def step_fn(step: int) -> dict:
         idx = torch.randint(0, len(x_all), (ec.batch_size,), generator=gen)
         x = data.random_shift(x_all[idx], ec.max_shift, gen)
         emb = F.normalize(model(pixel_values=normalize(x)).image_embeds, dim=-1)
         logits = emb @ F.normalize(prototypes, dim=-1).T / ec.temperature
-        loss = F.cross_entropy(logits, labels[idx])
-        check_finite(loss, "mini clip encoder", step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 50 == 0 or step == ec.steps - 1:
-            log.append({"step": step, "loss": loss.item()})
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+        return {"loss": F.cross_entropy(logits, labels[idx])}
+
+    model.train()
+    log = train_loop("mini clip encoder", list(model.parameters()) + [prototypes], steps=ec.steps, lr=ec.lr,
+                     weight_decay=0.05, warmup=50, step_fn=step_fn)
     model.eval()
     test_x, test_y = data.load_split(cfg.data_dir, "test")
     report = {"config": asdict(ec), "seconds": timer.seconds,

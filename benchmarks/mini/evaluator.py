@@ -9,13 +9,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from pipelines.classifiers import mark_as_evaluator
 from pipelines.io import save_tensors, write_json
 
 from . import data
-from .common import Timer, atomic_dir, check_finite, warmup_cosine
+from .common import Timer, atomic_dir, train_loop
 from .config import MiniConfig
 
 MEAN = (0.5, 0.5, 0.5)
@@ -92,21 +91,15 @@ def train(cfg: MiniConfig) -> dict:
               "pretrained_cfg": dict(getattr(model, "pretrained_cfg", {}) or {}), "train": asdict(ec)}
     ev = Evaluator(model, config)
     gen = torch.Generator().manual_seed(ec.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=ec.lr, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda st: warmup_cosine(st, ec.steps, 30))
-    log = []
-    ev.train()
-    for step in (bar := tqdm(range(ec.steps), desc="mini evaluator", mininterval=5)):
+
+    def step_fn(step: int) -> dict:
         idx = torch.randint(0, len(x_all), (ec.batch_size,), generator=gen)
-        loss = F.cross_entropy(ev(data.random_shift(x_all[idx], ec.max_shift, gen)), labels[idx], label_smoothing=0.1)
-        check_finite(loss, "mini evaluator", step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 50 == 0 or step == ec.steps - 1:
-            log.append({"step": step, "loss": loss.item()})
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+        logits = ev(data.random_shift(x_all[idx], ec.max_shift, gen))
+        return {"loss": F.cross_entropy(logits, labels[idx], label_smoothing=0.1)}
+
+    ev.train()
+    log = train_loop("mini evaluator", model.parameters(), steps=ec.steps, lr=ec.lr, weight_decay=0.05, warmup=30,
+                     step_fn=step_fn)
     ev.eval()
     test_x, test_y = data.load_split(cfg.data_dir, "test")
     acc = (ev.predict(data.to_unit(test_x)) == test_y).float().mean().item()

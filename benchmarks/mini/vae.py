@@ -9,12 +9,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from pipelines.io import write_json
 
 from . import data
-from .common import Timer, atomic_dir, check_finite, warmup_cosine
+from .common import Timer, atomic_dir, train_loop
 from .config import MiniConfig
 
 
@@ -40,26 +39,19 @@ def train(cfg: MiniConfig) -> dict:
     vae = build_vae(cfg)
     images = data.to_unit(training_images(cfg)) * 2 - 1  # SD's VAE works in [-1, 1]
     gen = torch.Generator().manual_seed(vc.seed)
-    opt = torch.optim.AdamW(vae.parameters(), lr=vc.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, vc.steps, 50))
-    timer, log = Timer(), []
-    vae.train()
-    for step in (bar := tqdm(range(vc.steps), desc="mini vae", mininterval=5)):
+
+    def step_fn(step: int) -> dict:
         x = images[torch.randint(0, len(images), (vc.batch_size,), generator=gen)]
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
-        rec = vae.decode(z).sample
-        mse = F.mse_loss(rec, x)
+        mse = F.mse_loss(vae.decode(z).sample, x)
         kl = post.kl().mean() / post.mean[0].numel()
-        loss = mse + vc.kl_weight * kl
-        check_finite(loss, "mini vae", step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 50 == 0 or step == vc.steps - 1:
-            log.append({"step": step, "mse": mse.item(), "kl": kl.item()})
-            bar.set_postfix(mse=f"{mse.item():.4f}", kl=f"{kl.item():.2f}")
+        return {"loss": mse + vc.kl_weight * kl, "mse": mse, "kl": kl}
+
+    timer = Timer()
+    vae.train()
+    log = train_loop("mini vae", vae.parameters(), steps=vc.steps, lr=vc.lr, weight_decay=0.0, warmup=50,
+                     step_fn=step_fn)
     vae.eval()
     with torch.no_grad():
         post = torch.cat([vae.encode(images[i:i + 256]).latent_dist.mean for i in range(0, len(images), 256)])
