@@ -30,8 +30,9 @@ paper: $(STAMP)
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest
 
+# Speed/memory benchmarks (JSON figures in results/perf/), outside the default dvc repro.
 perf: $(STAMP)
-	$(PY) -m benchmarks.perf all
+	PATH="$(abspath $(VENV))/bin:$$PATH" dvc repro profiles/perf/dvc.yaml
 
 clean-venv:
 	rm -rf $(VENV)
