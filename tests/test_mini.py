@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -128,6 +129,12 @@ CI_PARAMS = {
                 "patch_size": 4, "projection_dim": 16, "steps": 60, "batch_size": 64},
     "evaluator": {"steps": 150, "batch_size": 64},
     "check": {"num_images_per_class": 20, "num_inference_steps": 10, "guidance_scale": 5.0, "seeds": [0, 1]},
+    "claims": {"images_per_class": 8, "seeds": [0, 1], "num_inference_steps": 10, "batch_size": 16, "curve_images": 2,
+               "grid_images": 4,
+               "methods": {"sd": {"guidance_scale": 5.0},
+                           "seedselect": {"guidance_scale": 1.0, "lr_after": 0.1, "bootstrap": True,
+                                          "bootstrap_iterations": 5, "iterations": 15},
+                           "nao-seedselect": {"n_points": 6, "nao_solver": "default", "inversion_steps": 20}}},
 }
 
 
@@ -135,10 +142,11 @@ CI_PARAMS = {
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("mini")
     params = root / "params.yaml"
-    params.write_text(yaml.safe_dump({"mini": {**CI_PARAMS, "root": str(root / "data"),
+    claims = {**CI_PARAMS["claims"], "work_dir": str(root / "claims")}
+    params.write_text(yaml.safe_dump({"mini": {**CI_PARAMS, "claims": claims, "root": str(root / "data"),
                                                "results": str(root / "results")}}))
     seconds = {}
-    for stage in ("data", "text", "vae", "diffusion", "encoder", "evaluator", "check"):
+    for stage in ("data", "text", "vae", "diffusion", "encoder", "evaluator", "check", "claims"):
         t = time.perf_counter()
         run_stage(stage, str(params))
         seconds[stage] = round(time.perf_counter() - t, 1)
@@ -188,3 +196,125 @@ def test_reduced_world_loads_with_the_real_model_classes(world):
     assert enc(pixel_values=pix).image_embeds.shape == (1, 16)
     ev = load_evaluator(world.evaluator_dir)
     assert ev.features(torch.rand(2, 3, 16, 16)).ndim == 2
+
+
+# ---------------------------------------------------------------- claims 2-5: traces, budget, stage
+
+
+def test_iterations_to_reach():
+    from benchmarks.mini.claims import iterations_to_reach
+
+    ss = [0.0, 0.25, 0.5, 0.75, 0.5, 0.75]          # first reaches its final 0.75 at iteration 3
+    assert iterations_to_reach(ss, [0.5, 0.75, 1.0]) == (3, 1)
+    assert iterations_to_reach(ss, [1.0, 1.0]) == (3, 0)
+    assert iterations_to_reach(ss, [0.25, 0.5]) == (3, None)    # never within NAO's budget
+    assert iterations_to_reach([0.5, 0.5], [0.5]) == (0, 0)     # SeedSelect gained nothing
+
+
+def test_trace_holds_the_best_so_far_image_also_after_an_early_stop():
+    from benchmarks.mini.trace import _TraceMixin
+    from pipelines.seedselect import SeedSelectPipeline, SeedSelectSettings, Target
+    from pipelines.testing import tiny_components
+
+    # seed 0 improves once, then rises 4 times (> patience 3): stops at iteration 5; seed 1 keeps improving
+    script = {0: [5.0, 4.0, 6.0, 7.0, 8.0, 9.0], 1: [5.0, 4.0, 3.0, 2.0, 1.0, 0.9, 0.8, 0.7, 0.6]}
+
+    class Scripted(SeedSelectPipeline):
+        def compute_losses(self, seeds, targets, settings, iteration):
+            out = super().compute_losses(seeds, targets, settings, iteration)
+            active = [0, 1] if len(seeds) == 2 else [1]
+            # scripted values, the real loss's gradient: the seeds move, so every frame is a new image
+            total = out["total"]
+            out["total"] = total - total.detach() + torch.tensor([script[i][iteration] for i in active])
+            return out
+
+    class Traced(_TraceMixin, Scripted):
+        pass
+
+    comps = tiny_components()
+    pipe = Traced.from_components(comps)
+    s = SeedSelectSettings(num_inference_steps=3, iterations=8, last_k_weights=(0.25, 0.75), early_stop_patience=3)
+    emb = torch.zeros(comps.text_encoder.config.max_position_embeddings, comps.text_encoder.config.hidden_size)
+    target = Target(torch.nn.functional.normalize(torch.ones(1, comps.image_encoder.config.projection_dim), dim=-1),
+                    0, torch.zeros(pipe.latent_shape), emb)
+    seeds = torch.randn(2, *pipe.latent_shape, generator=torch.Generator().manual_seed(0))
+    r0, r1 = pipe.optimize(seeds, [target, target], s, progress=False)
+    assert r0.stop_reason == "early_stop" and len(r0.history) == 6 and r1.stop_reason == "iterations"
+    for r in (r0, r1):
+        assert r.extras["trace"].shape == (9, 3, pipe.image_size, pipe.image_size)
+        assert r.extras["trace"].dtype == torch.uint8
+        final = torch.from_numpy(np.array(r.image.convert("RGB"))).permute(2, 0, 1)
+        assert torch.equal(r.extras["trace"][-1], final), "the last frame is the returned (best) image"
+    t0 = r0.extras["trace"]
+    assert all(torch.equal(t0[k], t0[1]) for k in range(1, 9)), "seed 0's best stays iteration 1's image"
+    assert not torch.equal(t0[0], t0[1])
+    t1 = r1.extras["trace"]
+    assert all(not torch.equal(t1[k], t1[k - 1]) for k in range(1, 9)), "seed 1 improves every iteration"
+
+
+def test_reduced_world_seedselect_and_nao_fix_the_tail(world):
+    m = json.loads((world.results_dir / "metrics.json").read_text())
+    # claim 2 (direction): seed selection from 5 references makes the tail classes plain sampling misses
+    assert m["tail_fidelity_seedselect"] - m["tail_fidelity_plain"] > 0.25, m
+    assert m["tail_fidelity_nao_seedselect"] - m["tail_fidelity_plain"] > 0.25, m
+    assert m["head_minus_tail_fidelity_plain"] > 0.3  # claim 1 is carried over from the check stage
+    for k in ("plain", "seedselect", "nao_seedselect"):
+        assert 0 < m[f"tail_diversity_{k}"] and m[f"tail_diversity_{k}_ci95"] >= 0, k
+    assert "iterations_ratio_nao_over_seedselect" in m
+    result = json.loads((world.results_dir / "claims.json").read_text())
+    budget = result["budget"]
+    assert budget["seedselect_budget"] == 15 and budget["nao_budget"] == 5
+    assert len(budget["seedselect_curve_per_seed"]) == 2 and len(budget["seedselect_curve_per_seed"][0]) == 16
+    # bootstrap: z* ran the full budget, every other image 5 iterations at most
+    assert 5 < result["methods"]["seedselect"]["updates_per_image"] <= (15 + 7 * 5) / 8
+    readme = (world.results_dir / "README.md").read_text()
+    assert "| 2 SeedSelect fixes it |" in readme and "| NAO-SeedSelect |" in readme
+    from PIL import Image
+
+    for name in ("three", "eight"):
+        grid = Image.open(world.results_dir / "grids" / f"{name}.png")
+        assert grid.height == 4 * (16 * 2 + 2)  # references + 3 methods, 16 px images shown at 2x
+
+
+def test_claims_rerun_reuses_finished_units_and_a_changed_setting_makes_new_ones(world, monkeypatch):
+    import copy
+
+    from benchmarks.mini import claims
+
+    work = world.claims.work_dir
+    units = sorted(p.name for p in Path(work).glob("*.safetensors"))
+    assert len(units) == 4 * 2 * 2  # (sd, seedselect, nao, curve) x 2 tail classes x 2 seeds
+    metrics_before = (world.results_dir / "metrics.json").read_text()
+
+    def regenerate(*args, **kwargs):
+        raise AssertionError("regenerated a unit")
+
+    for name in ("_sd", "_seedselect", "_nao_seedselect"):
+        monkeypatch.setattr(claims.ClaimsRun, name, regenerate)
+    claims.run(world)
+    assert sorted(p.name for p in Path(work).glob("*.safetensors")) == units
+    assert (world.results_dir / "metrics.json").read_text() == metrics_before
+    changed = copy.deepcopy(world)
+    changed.claims.methods["sd"] = {"guidance_scale": 4.0}
+    with pytest.raises(AssertionError, match="regenerated a unit"):
+        claims.run(changed)
+
+
+def test_claims_bad_settings_name_the_problem(world, tmp_path):
+    import copy
+
+    from benchmarks.mini import claims
+
+    cfg = copy.deepcopy(world)
+    cfg.claims.methods = {"sd": {}, "seedselct": {}}
+    with pytest.raises(ValueError, match=r"unknown method\(s\) \['seedselct'\]"):
+        claims.run(cfg)
+    cfg.claims.methods = {"seedselect": {}}
+    with pytest.raises(ValueError, match="plain baseline 'sd'"):
+        claims.run(cfg)
+    cfg.claims.methods = {"sd": {}, "nao-seedselect": {}}
+    with pytest.raises(ValueError, match="list both or neither"):
+        claims.run(cfg)
+    cfg.results = str(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="mini_check"):
+        claims.run(cfg)

@@ -7,7 +7,7 @@ import json
 from .common import set_threads
 from .config import load_config
 
-STAGES = ("data", "vae", "text", "diffusion", "encoder", "evaluator", "check")
+STAGES = ("data", "vae", "text", "diffusion", "encoder", "evaluator", "check", "claims")
 
 
 def run_stage(stage: str, params: str = "params.yaml") -> dict:
@@ -41,6 +41,10 @@ def run_stage(stage: str, params: str = "params.yaml") -> dict:
         from . import check
 
         return check.run(cfg)
+    if stage == "claims":
+        from . import claims
+
+        return claims.run(cfg)
     raise ValueError(f"unknown mini stage {stage!r}; expected one of {STAGES}")
 
 

@@ -102,6 +102,26 @@ class CheckConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
 
 
+def _claims_methods() -> dict[str, dict]:
+    return {"sd": {}, "seedselect": {"guidance_scale": 1.0, "lr_after": 0.1, "bootstrap": True},
+            "nao-seedselect": {"n_points": 12, "nao_solver": "default"}}
+
+
+@dataclass
+class ClaimsConfig:
+    """Claims 2-5 of issue 5: every method generates tail-class images from the references, scored by
+    the evaluator (fidelity, diversity) with a 95% interval over seeds; see benchmarks/mini/claims.py."""
+    images_per_class: int = 50
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    num_inference_steps: int = 20
+    batch_size: int = 50               # seeds optimised / sampled together (each keeps its own optimiser)
+    # method -> overrides of its `reference` preset (the authors' settings); DCT needs `classifier`
+    methods: dict[str, dict] = field(default_factory=_claims_methods)
+    curve_images: int = 8              # per tail class and seed: SeedSelect from random seeds, full budget
+    grid_images: int = 8
+    work_dir: str = "data/mini/claims"  # generated images, resumable; names hash the models and settings
+
+
 @dataclass
 class MiniConfig:
     root: str = "data/mini"
@@ -114,6 +134,7 @@ class MiniConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     evaluator: EvaluatorConfig = field(default_factory=EvaluatorConfig)
     check: CheckConfig = field(default_factory=CheckConfig)
+    claims: ClaimsConfig = field(default_factory=ClaimsConfig)
 
     # artifact folders (DVC outs in dvc.yaml name the same paths)
     @property
