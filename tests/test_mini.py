@@ -117,6 +117,7 @@ def test_ci95():
 
 # ---------------------------------------------------------------- reduced world, end to end
 
+NO_CHECKPOINTING = {"gradient_checkpointing": False, "checkpoint_decoder": False}  # tiny models: compute, not memory
 CI_PARAMS = {
     "threads": 1,
     "data": {**CI_DATA.__dict__},
@@ -133,8 +134,9 @@ CI_PARAMS = {
                "grid_images": 4,
                "methods": {"sd": {"guidance_scale": 5.0},
                            "seedselect": {"guidance_scale": 1.0, "lr_after": 0.1, "bootstrap": True,
-                                          "bootstrap_iterations": 5, "iterations": 15},
-                           "nao-seedselect": {"n_points": 6, "nao_solver": "default", "inversion_steps": 20}}},
+                                          "bootstrap_iterations": 5, "iterations": 15, **NO_CHECKPOINTING},
+                           "nao-seedselect": {"n_points": 6, "nao_solver": "default", "inversion_steps": 20,
+                                              **NO_CHECKPOINTING}}},
 }
 
 
@@ -314,6 +316,9 @@ def test_claims_bad_settings_name_the_problem(world, tmp_path):
         claims.run(cfg)
     cfg.claims.methods = {"sd": {}, "nao-seedselect": {}}
     with pytest.raises(ValueError, match="list both or neither"):
+        claims.run(cfg)
+    cfg.claims.methods = {"sd": {}, "dct": {"lr": 0.02}}
+    with pytest.raises(ValueError, match="dct needs `classifier`"):
         claims.run(cfg)
     cfg.results = str(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="mini_check"):
