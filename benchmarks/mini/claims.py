@@ -366,7 +366,8 @@ def readme(cfg: MiniConfig, metrics: dict, result: dict, plain: dict) -> str:
     for method in cc.methods:
         lines.append(f"- {LABELS[method]}: `{json.dumps(cc.methods[method] or {}, sort_keys=True)}`")
     lines += ["", f"Plain sampling of all classes (claim 1): {plain['config']}.", "",
-              "Grids: `grids/<class>.png`, one row per method (references first).", ""]
+              "Grids: `grids/<class>.png`, one row per method (references first), images evenly spaced over "
+              "each method's images of seed " + str(cc.seeds[0]) + ".", ""]
     return "\n".join(lines)
 
 
@@ -390,7 +391,10 @@ def run(cfg: MiniConfig) -> dict:
     cc, seed = cfg.claims, cfg.claims.seeds[0]
     for c in cfg.data.tail_classes:
         refs = to_u8([r.image for r in claims.refs[c]])
-        rows = [("references", refs)] + [(LABELS[m], out["units"]["gen", m, c, seed]["images"][:cc.grid_images])
-                                         for m in cc.methods]
+        rows = [("references", refs)]
+        for m in cc.methods:
+            images = out["units"]["gen", m, c, seed]["images"]
+            # evenly spaced over all images: NAO's first indices all lie next to the centroid
+            rows.append((LABELS[m], images[torch.linspace(0, len(images) - 1, cc.grid_images).round().long()]))
         save_image(res_dir / "grids" / f"{cfg.class_names[c]}.png", grid(rows))
     return {"metrics": metrics, "seconds": result["seconds"]}
