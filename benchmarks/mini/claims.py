@@ -48,6 +48,7 @@ from .metrics import ci95, diversity, fidelity
 from .trace import TracedNaoSeedSelect, TracedSeedSelect
 
 BASELINE = "sd"
+UNIT_VERSION = 1       # bump when how a unit is generated here changes (pipelines/ and trace.py are hashed)
 LABELS = {"sd": "plain", "seedselect": "SeedSelect", "nao-seedselect": "NAO-SeedSelect", "dct": "DCT"}
 SEED_STRIDE = 100_000  # image i of replicate seed s starts from integer seed s * SEED_STRIDE + i
 
@@ -68,6 +69,25 @@ def fingerprint(folders) -> str:
             h.update(str(f.relative_to(folder)).encode())
             h.update(f.read_bytes())
     return h.hexdigest()
+
+
+def code_fingerprint() -> str:
+    """sha256 of the generation code (pipelines/*.py, trace.py) and UNIT_VERSION: a fixed pipeline never
+    reuses images made by the broken one."""
+    import pipelines
+
+    h = hashlib.sha256(str(UNIT_VERSION).encode())
+    for f in sorted(Path(pipelines.__file__).parent.glob("*.py")) + [Path(__file__).with_name("trace.py")]:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def method_settings(cc, method: str, **extra):
+    """Settings of ``method`` in the claims: its ``reference`` preset, the claims-wide sizes, the overrides."""
+    values = {"num_inference_steps": cc.num_inference_steps, "batch_size": cc.batch_size, "dtype": "fp32",
+              **dict(cc.methods.get(method) or {}), **extra}
+    return get_method(method).settings("reference", "cpu", **values)
 
 
 def to_u8(images) -> torch.Tensor:
@@ -96,6 +116,8 @@ class ClaimsRun:
             raise ValueError(f"mini.claims.methods: unknown method(s) {unknown}; expected some of {sorted(LABELS)}")
         if BASELINE not in self.cc.methods:
             raise ValueError(f"mini.claims.methods must include the plain baseline {BASELINE!r}")
+        if not self.cc.seeds or self.cc.images_per_class < 2:
+            raise ValueError("mini.claims needs at least one seed and 2 images per class (diversity is pairwise)")
         if "nao-seedselect" in self.cc.methods and "seedselect" not in self.cc.methods:
             raise ValueError("claim 3 compares NAO-SeedSelect with SeedSelect: list both or neither")
         folders = [cfg.sd_dir, cfg.clip_dir]
@@ -106,6 +128,7 @@ class ClaimsRun:
                                  "(a classifier other than the evaluator)")
             folders.append(Path(guide))
         self.fingerprint = fingerprint(folders)[:16]
+        self.code = code_fingerprint()[:16]
         self.work = Path(self.cc.work_dir)
         self.cache = self.work / "cache" / self.fingerprint
         self.comps = load_components(cfg.sd_dir, cfg.clip_dir, device="cpu", dtype="fp32")
@@ -116,17 +139,21 @@ class ClaimsRun:
         return dict(self.cc.methods.get(method) or {})
 
     def settings(self, method: str, **extra):
-        values = {"num_inference_steps": self.cc.num_inference_steps, "batch_size": self.cc.batch_size,
-                  "dtype": "fp32", **self._overrides(method), **extra}
-        return get_method(method).settings("reference", "cpu", **values)
+        return method_settings(self.cc, method, **extra)
 
     # ------------------------------------------------------------------------------------ units
+    def unit_path(self, kind: str, label: int, seed: int, n: int, settings) -> Path:
+        """Deterministic name hashing everything that decides the unit's images: model files, generation
+        code, reference images, prompt, settings, seed and count."""
+        key = hashlib.sha256(json.dumps({
+            "models": self.fingerprint, "code": self.code, "kind": kind, "n": n, "seed": seed,
+            "references": [r.content_hash for r in self.refs[label]], "prompt": self.cfg.prompt(label),
+            "settings": asdict(settings)}, sort_keys=True, default=str).encode())
+        return self.work / f"{kind}-{self.cfg.class_names[label]}-s{seed}-{key.hexdigest()[:16]}.safetensors"
+
     def unit(self, kind: str, method: str, label: int, seed: int, n: int, settings) -> dict:
         """Images (and traces) of one (method, class, seed): loaded when finished, else generated."""
-        key = hashlib.sha256(json.dumps({"fingerprint": self.fingerprint, "kind": kind, "n": n, "seed": seed,
-                                         "prompt_template": self.cfg.data.prompt_template,
-                                         "settings": asdict(settings)}, sort_keys=True, default=str).encode())
-        path = self.work / f"{kind}-{self.cfg.class_names[label]}-s{seed}-{key.hexdigest()[:16]}.safetensors"
+        path = self.unit_path(kind, label, seed, n, settings)
         if path.is_file():
             from safetensors import safe_open
 
@@ -273,6 +300,10 @@ class ClaimsRun:
         if any(math.isnan(r) for r in ratios):
             out["iterations_ratio_nao_over_seedselect"] = None
             out["iterations_ratio_nao_over_seedselect_ci95"] = None
+            result["budget"]["ratio_undefined_because"] = (
+                "SeedSelect's pooled curve starts at its final fidelity (its optimisation gained nothing)"
+                if iterations_to_reach(ss_pooled, ss_pooled)[0] == 0
+                else "NAO-SeedSelect did not reach SeedSelect's final fidelity within its budget on some seed")
         else:
             out["iterations_ratio_nao_over_seedselect"], out["iterations_ratio_nao_over_seedselect_ci95"] = ci95(ratios)
         return out
@@ -326,8 +357,10 @@ def readme(cfg: MiniConfig, metrics: dict, result: dict, plain: dict) -> str:
                      f"{met(m['tail_fidelity_seedselect_minus_plain'] >= 0.25)} |")
     if "iterations_ratio_nao_over_seedselect" in m:
         r = m["iterations_ratio_nao_over_seedselect"]
+        shown = f('iterations_ratio_nao_over_seedselect', pct=False) if r is not None else \
+            "undefined: " + result["budget"].get("ratio_undefined_because", "")
         lines.append(f"| 3 NAO is faster | iterations NAO-SeedSelect / SeedSelect to SeedSelect's final tail "
-                     f"fidelity | {f('iterations_ratio_nao_over_seedselect', pct=False)} | ≤ 0.25 | "
+                     f"fidelity | {shown} | ≤ 0.25 | "
                      f"{met(r is not None and r <= 0.25)} |")
     for k in ("seedselect", "nao_seedselect"):
         if f"tail_diversity_{k}" in m:
@@ -337,6 +370,8 @@ def readme(cfg: MiniConfig, metrics: dict, result: dict, plain: dict) -> str:
         lines.append(f"| 5 DCT | tail fidelity / diversity | {f('tail_fidelity_dct')} / "
                      f"{f('tail_diversity_dct', False)} | reported | – |")
     lines += ["", "## Per method", "",
+              "Seconds per image: generation time over the run's images, one-off work (reference encodings, "
+              "DDIM inversions and NAO paths, DCT token training) included once.", "",
               "| method | tail fidelity % | − plain | tail diversity | optimiser updates / image | s / image (2 CPU cores) |",
               "|---|---|---|---|---|---|"]
     for method, r in result["methods"].items():
@@ -355,7 +390,8 @@ def readme(cfg: MiniConfig, metrics: dict, result: dict, plain: dict) -> str:
                   f"{b['nao_budget']}). SeedSelect's final tail fidelity, pooled over seeds: "
                   f"{100 * b['seedselect_final_pooled']:.1f}%, first reached by its pooled curve at iteration "
                   f"{b['seedselect_iterations_to_final']}; NAO-SeedSelect reaches it at iteration "
-                  f"{b['nao_iterations_to_seedselect_final']} (per seed; None: not within its budget).",
+                  f"{b['nao_iterations_to_seedselect_final']} (per seed; None: not within its budget). The interval of the "
+                  f"ratio reflects NAO-SeedSelect's spread over seeds only (SeedSelect's side is pooled).",
                   "", "| k | " + " | ".join(str(k) for k in range(len(ss))) + " |",
                   "|---|" + "---|" * len(ss),
                   "| SeedSelect | " + " | ".join(f"{100 * v:.0f}" for v in ss) + " |",
@@ -376,6 +412,11 @@ def run(cfg: MiniConfig) -> dict:
     if not plain_path.is_file():
         raise FileNotFoundError(f"{plain_path} is missing: run the mini_check stage first (claim 1)")
     plain = json.loads(plain_path.read_text())
+    needed = ("head_fidelity_plain", "head_fidelity_plain_ci95", "head_minus_tail_fidelity_plain",
+              "head_minus_tail_fidelity_plain_ci95", "tail_fidelity_plain", "tail_fidelity_plain_ci95", "config")
+    missing = [k for k in needed if k not in plain]
+    if missing:
+        raise ValueError(f"{plain_path} lacks {missing}: it predates this code, rerun the mini_check stage")
     claims = ClaimsRun(cfg)
     out = claims.run()
     metrics = {k: plain[k] for k in ("head_fidelity_plain", "head_fidelity_plain_ci95",

@@ -40,7 +40,7 @@ class _TraceMixin:
                     if float(totals[j]) < best[i]:
                         best[i], image[i] = float(totals[j]), images[j]
             for i in range(n):
-                frames[i].append((image[i].clamp(0, 1) * 255).round().to(torch.uint8))
+                frames[i].append((image[i].float().clamp(0, 1) * 255).round().to(torch.uint8))  # as to_pil
         for i, r in enumerate(results):
             r.extras["trace"] = torch.stack(frames[i])
         self._trace = []
