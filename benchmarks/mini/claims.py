@@ -48,7 +48,7 @@ from .metrics import ci95, diversity, fidelity
 from .trace import TracedNaoSeedSelect, TracedSeedSelect
 
 BASELINE = "sd"
-UNIT_VERSION = 1       # bump when how a unit is generated here changes (pipelines/ and trace.py are hashed)
+UNIT_VERSION = 2       # bump when how a unit is generated here changes (pipelines/ and trace.py are hashed)
 LABELS = {"sd": "plain", "seedselect": "SeedSelect", "nao-seedselect": "NAO-SeedSelect", "dct": "DCT"}
 SEED_STRIDE = 100_000  # image i of replicate seed s starts from integer seed s * SEED_STRIDE + i
 
@@ -116,8 +116,9 @@ class ClaimsRun:
             raise ValueError(f"mini.claims.methods: unknown method(s) {unknown}; expected some of {sorted(LABELS)}")
         if BASELINE not in self.cc.methods:
             raise ValueError(f"mini.claims.methods must include the plain baseline {BASELINE!r}")
-        if not self.cc.seeds or self.cc.images_per_class < 2:
-            raise ValueError("mini.claims needs at least one seed and 2 images per class (diversity is pairwise)")
+        if not self.cc.seeds or self.cc.images_per_class < 2 or self.cc.curve_images < 1:
+            raise ValueError("mini.claims needs at least one seed, 2 images per class (diversity is pairwise) and "
+                             "1 curve image (SeedSelect's traced run, which also gives bootstrap its z*)")
         if "nao-seedselect" in self.cc.methods and "seedselect" not in self.cc.methods:
             raise ValueError("claim 3 compares NAO-SeedSelect with SeedSelect: list both or neither")
         folders = [cfg.sd_dir, cfg.clip_dir]
@@ -163,7 +164,7 @@ class ClaimsRun:
             return out
         t0 = time.perf_counter()
         out = getattr(self, "_" + method.replace("-", "_"))(label, seed, n, settings)
-        out["record"]["seconds"] = round(time.perf_counter() - t0, 2)
+        out["record"]["seconds"] = round(time.perf_counter() - t0 + out["record"].get("z_star_seconds", 0.0), 2)
         tensors = {k: v for k, v in out.items() if torch.is_tensor(v)}
         save_tensors(path, tensors, metadata={"record": json.dumps(out["record"])})
         return out
@@ -179,12 +180,20 @@ class ClaimsRun:
     def _seedselect(self, label, seed, n, s) -> dict:
         pipe = TracedSeedSelect.from_components(self.comps)
         enc = encode_references(pipe, self.refs[label], self.cache)
-        res = pipe(self.cfg.prompt(label), enc, list(range(n)), self._base(seed), s, progress=False)
-        out = {"images": to_u8([r.image for r in res]),
-               "record": {"updates": [updates(r) for r in res], "stop_reasons": [r.stop_reason for r in res]}}
         if not s.bootstrap:  # one budget per image: the fidelity-vs-iterations trace is comparable
-            out["trace"] = torch.stack([r.extras["trace"] for r in res])
-        return out
+            res = pipe(self.cfg.prompt(label), enc, list(range(n)), self._base(seed), s, progress=False)
+            return {"images": to_u8([r.image for r in res]), "trace": torch.stack([r.extras["trace"] for r in res]),
+                    "seeds": torch.stack([r.seed for r in res]),
+                    "record": {"updates": [updates(r) for r in res], "stop_reasons": [r.stop_reason for r in res]}}
+        # z* (image 0: seed base+0, all references, the full budget) is exactly image 0 of the traced run
+        # from random seeds, which is batched: reuse it instead of optimising it again alone
+        curve = self.unit("curve", "seedselect", label, seed, self.cc.curve_images, dataclasses.replace(s, bootstrap=False))
+        res = pipe(self.cfg.prompt(label), enc, list(range(1, n)), self._base(seed), s, z_star=curve["seeds"][0],
+                   progress=False)
+        return {"images": torch.cat([curve["images"][:1], to_u8([r.image for r in res])]),
+                "record": {"updates": curve["record"]["updates"][:1] + [updates(r) for r in res],
+                           "stop_reasons": curve["record"]["stop_reasons"][:1] + [r.stop_reason for r in res],
+                           "z_star_seconds": curve["record"]["seconds"] / self.cc.curve_images}}
 
     def _nao_seedselect(self, label, seed, n, s) -> dict:
         pipe = TracedNaoSeedSelect.from_components(self.comps)
@@ -216,8 +225,8 @@ class ClaimsRun:
         tail = list(cfg.data.tail_classes)
         real = {c: data.to_unit(test_x[test_y == c]) for c in tail}
         jobs = [("gen", m, cc.images_per_class) for m in cc.methods]
-        if "seedselect" in cc.methods:
-            jobs.append(("curve", "seedselect", cc.curve_images))
+        if "seedselect" in cc.methods:  # first: bootstrap SeedSelect takes its z* from this run
+            jobs.insert(0, ("curve", "seedselect", cc.curve_images))
         units = {}        # (kind, method, label, seed) -> unit
         bar = tqdm(total=len(jobs) * len(tail) * len(cc.seeds), desc="mini claims")
         for kind, method, n in jobs:
