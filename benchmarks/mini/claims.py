@@ -20,7 +20,8 @@ are traced (:mod:`benchmarks.mini.trace`), giving tail fidelity after k iteratio
 SeedSelect's final tail fidelity (pooled over seeds) / the iterations SeedSelect's pooled curve needs.
 
 Generated images are kept per (method, class, seed) in ``work_dir`` under names that hash the model
-files and the settings, written atomically: a rerun (or an interrupted run) reuses finished units.
+files, the reference images, the generation code and the settings, written atomically: a rerun (or
+an interrupted run) reuses finished units.
 """
 from __future__ import annotations
 
@@ -99,6 +100,15 @@ def updates(result) -> int:
     return len(result.history) - 1
 
 
+def optimised(results, trace: bool) -> dict:
+    """A unit from SeedSelect-type results: images, optionally their per-iteration traces, the record."""
+    out = {"images": to_u8([r.image for r in results]),
+           "record": {"updates": [updates(r) for r in results], "stop_reasons": [r.stop_reason for r in results]}}
+    if trace:
+        out["trace"] = torch.stack([r.extras["trace"] for r in results])
+    return out
+
+
 def iterations_to_reach(seedselect_curve, nao_curve) -> tuple[int, int | None]:
     """Iterations SeedSelect needs to first reach its own final fidelity, and NAO-SeedSelect to reach
     that same fidelity (None: not within its budget). Curves: fidelity after k = 0, 1, ... iterations."""
@@ -169,9 +179,12 @@ class ClaimsRun:
     def _base(self, seed: int) -> int:
         return seed * SEED_STRIDE
 
+    def _int_seeds(self, seed: int, n: int) -> list[int]:
+        return [self._base(seed) + i for i in range(n)]
+
     def _sd(self, label, seed, n, s) -> dict:
         pipe = get_method("sd").pipeline_cls.from_components(self.comps)
-        out = pipe(self.cfg.prompt(label), [self._base(seed) + i for i in range(n)], s)
+        out = pipe(self.cfg.prompt(label), self._int_seeds(seed, n), s)
         return {"images": to_u8(out.images), "record": {"updates": [0] * n}}
 
     def _seedselect(self, label, seed, n, s) -> dict:
@@ -179,26 +192,23 @@ class ClaimsRun:
         enc = encode_references(pipe, self.refs[label], self.cache)
         if not s.bootstrap:  # one budget per image: the fidelity-vs-iterations trace is comparable
             res = pipe(self.cfg.prompt(label), enc, list(range(n)), self._base(seed), s, progress=False)
-            return {"images": to_u8([r.image for r in res]), "trace": torch.stack([r.extras["trace"] for r in res]),
-                    "seeds": torch.stack([r.seed for r in res]),
-                    "record": {"updates": [updates(r) for r in res], "stop_reasons": [r.stop_reason for r in res]}}
+            return {**optimised(res, trace=True), "seeds": torch.stack([r.seed for r in res])}
         # z* (image 0: seed base+0, all references, the full budget) is exactly image 0 of the traced run
         # from random seeds, which is batched: reuse it instead of optimising it again alone
         curve = self.unit("curve", "seedselect", label, seed, self.cc.curve_images, dataclasses.replace(s, bootstrap=False))
         res = pipe(self.cfg.prompt(label), enc, list(range(1, n)), self._base(seed), s, z_star=curve["seeds"][0],
                    progress=False)
-        return {"images": torch.cat([curve["images"][:1], to_u8([r.image for r in res])]),
-                "record": {"updates": curve["record"]["updates"][:1] + [updates(r) for r in res],
-                           "stop_reasons": curve["record"]["stop_reasons"][:1] + [r.stop_reason for r in res],
-                           "z_star_seconds": curve["record"]["seconds"] / self.cc.curve_images}}
+        rest = optimised(res, trace=False)
+        record = {k: curve["record"][k][:1] + v for k, v in rest["record"].items()}
+        record["z_star_seconds"] = curve["record"]["seconds"] / self.cc.curve_images
+        return {"images": torch.cat([curve["images"][:1], rest["images"]]), "record": record}
 
     def _nao_seedselect(self, label, seed, n, s) -> dict:
         pipe = TracedNaoSeedSelect.from_components(self.comps)
         enc = encode_references(pipe, self.refs[label], self.cache)
         res = pipe(self.cfg.prompt(label), self.refs[label], enc, list(range(n)), self._base(seed), s,
                    cache_dir=self.cache, progress=False)
-        return {"images": to_u8([r.image for r in res]), "trace": torch.stack([r.extras["trace"] for r in res]),
-                "record": {"updates": [updates(r) for r in res], "stop_reasons": [r.stop_reason for r in res]}}
+        return optimised(res, trace=True)
 
     def _dct(self, label, seed, n, s) -> dict:
         from pipelines.classifiers import load_classifier
@@ -209,7 +219,7 @@ class ClaimsRun:
         classifier = load_classifier(s.classifier, s.classifier_checkpoint, s.classifier_labels, device="cpu",
                                      for_guidance=True)
         token, _ = train_or_load_token(pipe, classifier, name, self.cache, s, progress=False)
-        out = pipe(name, token, [self._base(seed) + i for i in range(n)], s)
+        out = pipe(name, token, self._int_seeds(seed, n), s)
         rec = {k: v for k, v in token.record.items() if k in ("epochs", "stop_reason", "best_correct", "seconds")}
         return {"images": to_u8(out.images), "record": {"updates": [0] * n, "token": rec}}
 
@@ -221,26 +231,24 @@ class ClaimsRun:
         test_x, test_y = data.load_split(cfg.data_dir, "test")
         tail = list(cfg.data.tail_classes)
         real = {c: data.to_unit(test_x[test_y == c]) for c in tail}
-        jobs = [("gen", m, cc.images_per_class) for m in cc.methods]
+        # (unit name, method, settings, images): each method's own images, and SeedSelect's traced run
+        jobs = [(m, m, self.settings(m), cc.images_per_class) for m in cc.methods]
         if "seedselect" in cc.methods:  # first: bootstrap SeedSelect takes its z* from this run
-            jobs.insert(0, ("curve", "seedselect", cc.curve_images))
-        units = {}        # (kind, method, label, seed) -> unit
+            jobs.insert(0, ("curve", "seedselect", self.settings("seedselect", bootstrap=False), cc.curve_images))
+        units = {}        # (unit name, label, seed) -> unit
         bar = tqdm(total=len(jobs) * len(tail) * len(cc.seeds), desc="mini claims")
-        for kind, method, n in jobs:
-            extra = {"bootstrap": False} if kind == "curve" else {}
-            settings = self.settings(method, **extra)
+        for name, method, settings, n in jobs:
             for seed in cc.seeds:
                 for c in tail:
-                    bar.set_postfix_str(f"{kind} {method} {cfg.class_names[c]} seed {seed}")
-                    units[kind, method, c, seed] = self.unit(kind if kind == "curve" else method, method, c, seed,
-                                                             n, settings)
+                    bar.set_postfix_str(f"{name} {cfg.class_names[c]} seed {seed}")
+                    units[name, c, seed] = self.unit(name, method, c, seed, n, settings)
                     bar.update(1)
         bar.close()
 
         def images01(u):
             return u["images"].float() / 255
 
-        fid_of = {(m, c, s): fidelity(evaluator, images01(units["gen", m, c, s]), c)
+        fid_of = {(m, c, s): fidelity(evaluator, images01(units[m, c, s]), c)
                   for m in cc.methods for c in tail for s in cc.seeds}
         result: dict = {"config": asdict(cc), "tail_classes": [cfg.class_names[c] for c in tail],
                         "fingerprint": self.fingerprint, "methods": {}}
@@ -249,7 +257,7 @@ class ClaimsRun:
         for method in sorted(cc.methods, key=lambda m: m != BASELINE):
             fid, div, ups, secs = [], [], [], []
             for seed in cc.seeds:
-                us = [units["gen", method, c, seed] for c in tail]
+                us = [units[method, c, seed] for c in tail]
                 fid.append(float(np.mean([fid_of[method, c, seed] for c in tail])))
                 div.append(float(np.mean([diversity(evaluator, images01(u), real[c]) for u, c in zip(us, tail)])))
                 ups += [x for u in us for x in u["record"]["updates"]]
@@ -264,7 +272,7 @@ class ClaimsRun:
                 "per_class_fidelity": {cfg.class_names[c]: float(np.mean([fid_of[method, c, s] for s in cc.seeds]))
                                        for c in tail}}
             if method == "dct":
-                result["methods"][method]["tokens"] = {cfg.class_names[c]: units["gen", "dct", c, cc.seeds[0]]
+                result["methods"][method]["tokens"] = {cfg.class_names[c]: units["dct", c, cc.seeds[0]]
                                                        ["record"]["token"] for c in tail}
             if method != BASELINE:
                 plain = result["methods"][BASELINE]["per_seed_fidelity"]
@@ -277,30 +285,31 @@ class ClaimsRun:
 
     def _budget(self, units, evaluator, tail, result) -> dict:
         """Claim 3: tail fidelity after k iterations (best seed so far), SeedSelect vs NAO-SeedSelect."""
-        def curve(kind, method, seed):
+        def curve(name, seed):
             per_class = []
             for c in tail:
-                tr = units[kind, method, c, seed]["trace"]          # (N, K+1, 3, H, W) uint8
+                tr = units[name, c, seed]["trace"]                  # (N, K+1, 3, H, W) uint8
                 per_class.append([fidelity(evaluator, tr[:, k].float() / 255, c) for k in range(tr.shape[1])])
             return np.mean(per_class, axis=0)
 
         curves = {"seedselect": [], "nao-seedselect": []}
         for seed in self.cc.seeds:
-            curves["seedselect"].append(curve("curve", "seedselect", seed).tolist())
-            curves["nao-seedselect"].append(curve("gen", "nao-seedselect", seed).tolist())
+            curves["seedselect"].append(curve("curve", seed).tolist())
+            curves["nao-seedselect"].append(curve("nao-seedselect", seed).tolist())
         # SeedSelect's final tail fidelity is one figure, pooled over seeds: per seed it rests on only
         # curve_images x tail classes images, too few to be a target (16/16 on one seed is chance)
         ss_pooled = np.mean(curves["seedselect"], axis=0)
+        k_ss = iterations_to_reach(ss_pooled, ss_pooled)[0]
         ratios, nao_iters = [], []
         for nao in curves["nao-seedselect"]:
-            k_ss, k_nao = iterations_to_reach(ss_pooled, nao)
+            k_nao = iterations_to_reach(ss_pooled, nao)[1]
             nao_iters.append(k_nao)
             # k_ss == 0: SeedSelect's optimisation gained nothing, so the ratio is undefined
             ratios.append(k_nao / k_ss if k_nao is not None and k_ss > 0 else math.nan)
         result["budget"] = {"seedselect_curve_per_seed": curves["seedselect"],
                             "nao_seedselect_curve_per_seed": curves["nao-seedselect"],
                             "seedselect_final_pooled": float(ss_pooled[-1]),
-                            "seedselect_iterations_to_final": iterations_to_reach(ss_pooled, ss_pooled)[0],
+                            "seedselect_iterations_to_final": k_ss,
                             "nao_iterations_to_seedselect_final": nao_iters,
                             "seedselect_budget": len(ss_pooled) - 1,
                             "nao_budget": len(curves["nao-seedselect"][0]) - 1}
@@ -310,7 +319,7 @@ class ClaimsRun:
             out["iterations_ratio_nao_over_seedselect_ci95"] = None
             result["budget"]["ratio_undefined_because"] = (
                 "SeedSelect's pooled curve starts at its final fidelity (its optimisation gained nothing)"
-                if iterations_to_reach(ss_pooled, ss_pooled)[0] == 0
+                if k_ss == 0
                 else "NAO-SeedSelect did not reach SeedSelect's final fidelity within its budget on some seed")
         else:
             out["iterations_ratio_nao_over_seedselect"], out["iterations_ratio_nao_over_seedselect_ci95"] = ci95(ratios)
@@ -442,7 +451,7 @@ def run(cfg: MiniConfig) -> dict:
         refs = to_u8([r.image for r in claims.refs[c]])
         rows = [("references", refs)]
         for m in cc.methods:
-            images = out["units"]["gen", m, c, seed]["images"]
+            images = out["units"][m, c, seed]["images"]
             # evenly spaced over all images: NAO's first indices all lie next to the centroid
             rows.append((LABELS[m], images[torch.linspace(0, len(images) - 1, cc.grid_images).round().long()]))
         save_image(res_dir / "grids" / f"{cfg.class_names[c]}.png", grid(rows))

@@ -119,7 +119,7 @@ class ClaimsConfig:
     methods: dict[str, dict] = field(default_factory=_claims_methods)
     curve_images: int = 8              # per tail class and seed: SeedSelect from random seeds, full budget
     grid_images: int = 8
-    work_dir: str = "data/mini/claims"  # generated images, resumable; names hash the models and settings
+    work_dir: str = "data/mini/claims"  # generated images, resumable; names hash models, references, code, settings
 
 
 @dataclass

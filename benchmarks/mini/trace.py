@@ -1,9 +1,9 @@
 """Fidelity as a function of the optimisation budget, for SeedSelect-type pipelines.
 
-:class:`Traced` wraps a pipeline class so that, after each ``optimize`` call, every result carries
-``extras["trace"]``: the image the run would have returned had it been capped at iteration k
-(the best seed seen up to k, as the pipeline returns its best), for k = 0..iterations, as uint8
-(iterations + 1, 3, H, W). The images are the ones ``compute_losses`` renders anyway, so tracing
+:class:`TracedSeedSelect` and :class:`TracedNaoSeedSelect` are the pipelines plus a mixin: after each
+``optimize`` call every result carries ``extras["trace"]``, the image the run would have returned had
+it been capped at iteration k (the best seed seen up to k, as the pipeline returns its best), for
+k = 0..iterations, as uint8 (iterations + 1, 3, H, W). The images are the ones ``compute_losses`` renders anyway, so tracing
 costs no extra forward pass. Early-stopped seeds keep their best image for the remaining budget."""
 from __future__ import annotations
 
