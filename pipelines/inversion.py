@@ -18,7 +18,9 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .components import ConceptPipeline, ReferenceImage, encode_latent_means, encode_prompts
+from .base import ConceptPipeline
+from .prompts import encode_prompts
+from .references import ReferenceImage, encode_latent_means
 from .io import save_tensors
 
 

@@ -7,9 +7,13 @@ interior path points (``paths[:, 1:-1]``, as the authors do) as initial seeds of
 5 iterations, lr 0.05 then 0.005 from iteration 3, guidance 1 (inverted seeds only reconstruct
 without guidance).
 
-Image i uses the i-th interior point in a fixed order: round-robin over the K paths, starting next
-to the centroid and walking back towards the inverted seeds, so the first images are the most
-"central" and consecutive images come from different references. At most K·(n_points − 2) images.
+Image i uses the i-th interior point in a fixed order that spreads any prefix over the whole paths:
+round-robin over the K paths, and along each path the positions in van der Corput order (the
+middle first, then the quarters, the eighths, ...). The first M images therefore cover each path
+from near its inverted reference to near the centroid instead of crowding at one end (taking the
+points nearest the centroid first made the first 50 of 50-point paths near-copies of each other).
+At most K·(n_points − 2) images. With several concepts in a call, each has its own inversions,
+centroid and paths, and the contrastive loss of :mod:`pipelines.seedselect` runs across them.
 """
 from __future__ import annotations
 
@@ -21,10 +25,12 @@ from typing import Sequence
 
 import torch
 
-from .components import ReferenceEncodings, ReferenceImage
+from .base import ImageResult, chunks
 from .inversion import DDIMInversionPipeline, InversionSettings
 from .io import save_tensors
-from .seedselect import SeedResult, SeedSelectPipeline, SeedSelectSettings, _chunks, _mix
+from .references import ReferenceImage, encode_references
+from .sampling import derive_seed
+from .seedselect import SeedSelectPipeline, SeedSelectSettings
 
 
 @dataclass
@@ -50,20 +56,38 @@ class NaoSeedSelectSettings(SeedSelectSettings):
             raise ValueError(f"n_points must be >= 3 (one interior point per path), got {self.n_points}")
 
 
+def spread_order(m: int) -> list[int]:
+    """A permutation of 0..m-1 whose every prefix is spread over the range: positions (vdc(j) · m) for
+    the van der Corput sequence vdc(1), vdc(2), ... = 1/2, 1/4, 3/4, 1/8, ..., duplicates skipped."""
+    order, seen, j = [], set(), 1
+    while len(order) < m:
+        x, base, u = j, 0.5, 0.0
+        while x:
+            u, x, base = u + base * (x & 1), x >> 1, base / 2
+        pos = min(int(u * m), m - 1)
+        if pos not in seen:
+            seen.add(pos)
+            order.append(pos)
+        j += 1
+    return order
+
+
+def start_points(k: int, n_points: int) -> list[tuple[int, int]]:
+    """(path, point) of the i-th start: round-robin over the k paths, interior points 1..n-2 in spread order."""
+    return [(path, 1 + pos) for pos in spread_order(n_points - 2) for path in range(k)]
+
+
 def interior_points(paths: torch.Tensor) -> torch.Tensor:
-    """(K, n, *shape) paths -> (K·(n−2), *shape) interior points, round-robin from the centroid end."""
-    interior = paths[:, 1:-1].flip(1)                        # (K, n-2, ...), nearest the centroid first
-    return interior.transpose(0, 1).reshape(-1, *paths.shape[2:])
-
-
-def _describe_point(index: int, k: int, n_points: int) -> dict:
-    """Which path / point the ``index``-th start came from (path k runs from reference k to the centroid)."""
-    step, path = divmod(index, k)
-    return {"path": path, "point": n_points - 2 - step}
+    """(K, n, *shape) paths -> (K·(n−2), *shape) interior points in the order of :func:`start_points`."""
+    order = start_points(paths.shape[0], paths.shape[1])
+    return torch.stack([paths[path, point] for path, point in order])
 
 
 class NaoSeedSelectPipeline(SeedSelectPipeline):
     """Inversion -> NAO centroid and paths -> short SeedSelect runs from the path points."""
+
+    settings_cls = NaoSeedSelectSettings
+    min_references = 2
 
     def invert(self, refs: Sequence[ReferenceImage], prompt: str, settings: NaoSeedSelectSettings,
                cache_dir: str | os.PathLike | None = None, progress: bool = True) -> torch.Tensor:
@@ -86,7 +110,7 @@ class NaoSeedSelectPipeline(SeedSelectPipeline):
             with safe_open(str(path), "pt") as f:
                 return f.get_tensor("paths"), dict(f.metadata())
         kwargs = dict(n_points=settings.n_points, eps=settings.nao_eps,
-                      generator=torch.Generator().manual_seed(_mix(base_seed, 0xA0)))
+                      generator=torch.Generator().manual_seed(derive_seed(base_seed, 0xA0)))
         if settings.nao_solver == "reference" and hasattr(seed_space, "NaoSettings"):
             kwargs["settings"] = seed_space.NaoSettings.reference_centroid(n_points=settings.n_points,
                                                                            eps=settings.nao_eps)
@@ -98,28 +122,35 @@ class NaoSeedSelectPipeline(SeedSelectPipeline):
             save_tensors(path, {"paths": result.paths, "centroid": result.centroid}, metadata=meta)
         return result.paths, meta
 
-    def __call__(self, prompt: str, refs: Sequence[ReferenceImage], encodings: ReferenceEncodings,
-                 image_indices: Sequence[int], base_seed: int = 0,
-                 settings: NaoSeedSelectSettings = NaoSeedSelectSettings(),
-                 cache_dir: str | os.PathLike | None = None, progress: bool = True, callback=None) -> list[SeedResult]:
-        if len(refs) < 2:
-            raise ValueError(f"NAO-SeedSelect needs at least 2 reference images (a centroid of inverted "
-                             f"seeds), got {len(refs)}")
-        inverted = self.invert(refs, prompt, settings, cache_dir, progress)
-        paths, meta = self.nao_paths(inverted, settings, base_seed, cache_dir)
-        starts = interior_points(paths)
-        indices = list(image_indices)
-        if indices and max(indices) >= len(starts):
-            raise ValueError(f"NAO-SeedSelect offers {len(starts)} starting seeds ({len(refs)} references x "
-                             f"{settings.n_points - 2} interior path points); asked for image index {max(indices)}. "
-                             f"Raise n_points or add references.")
-        results: dict[int, SeedResult] = {}
-        for chunk in _chunks(indices, settings.batch_size):
-            res = self.optimize(starts[chunk], self.targets_for(prompt, encodings, len(chunk)), settings,
-                                progress=progress)
-            for i, r in zip(chunk, res):
-                r.extras.update(nao=meta, start_point=_describe_point(i, len(refs), settings.n_points))
-            results.update(zip(chunk, res))
-            if callback is not None:
-                callback(dict(zip(chunk, res)))
-        return [results[i] for i in indices]
+    def __call__(self, prompt, reference_images=None, num_images_per_prompt: int = 1, *,
+                 settings: NaoSeedSelectSettings | None = None, generator: torch.Generator | None = None,
+                 seed: int | None = None, image_indices=None, output_type: str = "pil",
+                 cache_dir: str | os.PathLike | None = None, callback=None, progress: bool = True,
+                 return_dict: bool = True, **overrides):
+        """Images of each concept from the interior points of its NAO paths (see the module docstring);
+        the call shape and output are SeedSelect's."""
+        plan = self.plan(prompt, reference_images, num_images_per_prompt, image_indices, generator, seed,
+                         settings, **overrides)
+        s = plan.settings
+        starts, meta = [], []
+        for p, refs in zip(plan.prompts, plan.references):
+            inverted = self.invert(refs, p, s, cache_dir, progress)
+            paths, m = self.nao_paths(inverted, s, plan.seed, cache_dir)
+            starts.append(interior_points(paths))
+            meta.append(m)
+        for c, i in plan.pairs:
+            if i >= len(starts[c]):
+                raise ValueError(f"NAO-SeedSelect offers {len(starts[c])} starting seeds for {plan.prompts[c]!r} "
+                                 f"({len(plan.references[c])} references x {s.n_points - 2} interior path points); "
+                                 f"asked for image index {i}. Raise n_points or add references.")
+        contrast = self.contrast_set(plan.prompts, [encode_references(self, r, cache_dir) for r in plan.references], s)
+        results: dict[tuple[int, int], ImageResult] = {}
+        for chunk in chunks(plan.pairs, s.batch_size):
+            res = self.optimize(torch.stack([starts[c][i] for c, i in chunk]), [contrast.target(c) for c, _ in chunk],
+                                s, progress=progress)
+            for (c, i), r in zip(chunk, res):
+                path, point = start_points(len(plan.references[c]), s.n_points)[i]
+                results[c, i] = r.as_image_result(c, i, nao=meta[c], start_point={"path": path, "point": point})
+                if callback is not None:
+                    callback(results[c, i])
+        return self.output(plan, results, output_type, return_dict)

@@ -18,8 +18,12 @@ BEST seed seen is returned with its image. Added by the paper: early stopping wh
 more than ``early_stop_patience`` consecutive iterations, and bootstrap resampling of the references
 to make many diverse images per concept quickly.
 
-Several seeds are optimised as one batch; each has its own optimiser state, loss history, best
-seed and early stop (a stopped seed leaves the batch). Seeds, scheduler arithmetic and losses are
+A call takes one or several concepts (prompt + reference images each). With several, each seed's
+semantic loss is the paper's contrastive loss across the call's concepts (``semantic_loss=
+"contrastive"``, the default; ``"per_concept"`` is the authors' code), bootstrap resampling works per
+concept, and seeds of different concepts share batches. Several seeds are optimised as one batch;
+each has its own optimiser state, loss history, best seed and early stop (a stopped seed leaves the
+batch). Seeds, scheduler arithmetic and losses are
 fp32 whatever the model dtype.
 """
 from __future__ import annotations
@@ -35,14 +39,20 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as ckpt
 from tqdm.auto import tqdm
 
-from .components import (ConceptPipeline, ReferenceEncodings, clip_embed, clip_preprocess, decode_latents,
-                         denoise, encode_prompts, random_seeds, to_pil)
+from .base import ConceptPipeline, ImageResult, chunks
+from .imaging import clip_embed, clip_preprocess, decode_latents, to_pil
+from .prompts import encode_prompts
+from .references import ReferenceEncodings, encode_references
+from .sampling import denoise, derive_seed, random_seeds
 
 log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
     """The SeedSelect loss became NaN/inf (typically fp16 overflow or a too large learning rate)."""
+
+
+SEMANTIC_LOSSES = ("contrastive", "per_concept")
 
 
 @dataclass
@@ -60,6 +70,8 @@ class SeedSelectSettings:
     last_k_weights: tuple[float, ...] = (0.05, 0.25, 0.70)  # oldest ... final step
     early_stop_patience: int | None = 3   # stop after > patience consecutive increases; None: never
     batch_size: int = 1                   # seeds optimised together
+    semantic_loss: str = "contrastive"    # several concepts in a call: the paper's contrastive loss across
+                                          # them; "per_concept": the authors' code (each its own distance)
     bootstrap: bool = False               # extra images: bootstrap-resampled references from z*
     bootstrap_iterations: int = 5
     bootstrap_perturbation: float = 0.3   # z = sqrt(1-r^2) z* + r eps keeps the seed N(0, I)-shaped
@@ -77,6 +89,8 @@ class SeedSelectSettings:
                              f"{self.num_inference_steps} steps")
         if self.iterations < 0 or self.batch_size < 1:
             raise ValueError("iterations must be >= 0 and batch_size >= 1")
+        if self.semantic_loss not in SEMANTIC_LOSSES:
+            raise ValueError(f"semantic_loss must be one of {SEMANTIC_LOSSES}, got {self.semantic_loss!r}")
 
 
 @dataclass
@@ -88,8 +102,16 @@ class Target:
     prompt_embeds: torch.Tensor   # (L, D) conditional text embedding of its class
 
     @classmethod
-    def from_encodings(cls, enc: ReferenceEncodings, prompt_embeds: torch.Tensor) -> "Target":
-        return cls(enc.clip_centroid()[None], 0, enc.latent_centroid(), prompt_embeds)
+    def from_encodings(cls, enc: ReferenceEncodings, prompt_embeds: torch.Tensor,
+                       others: torch.Tensor | None = None, label: int = 0) -> "Target":
+        """Pull towards ``enc``'s centroids; with ``others`` (K, D) the unit centroids of every concept
+        of the contrast set, row ``label`` is replaced by ``enc``'s centroid (a bootstrap resample)."""
+        own = enc.clip_centroid()
+        if others is None:
+            return cls(own[None], 0, enc.latent_centroid(), prompt_embeds)
+        centroids = others.clone()
+        centroids[label] = own
+        return cls(centroids, label, enc.latent_centroid(), prompt_embeds)
 
 
 @dataclass
@@ -102,7 +124,20 @@ class SeedResult:
     stop_reason: str              # "iterations" | "early_stop"
     history: list[dict] = field(default_factory=list)  # per evaluated iteration: total/semantic/appearance/lr
     seconds: float = 0.0
-    extras: dict = field(default_factory=dict)         # method-specific facts for the record
+    extras: dict = field(default_factory=dict)         # method-specific facts (tensors are saved as files)
+
+    @property
+    def updates(self) -> int:
+        """Optimiser updates run (the history holds one more, evaluation-only entry)."""
+        return len(self.history) - 1
+
+    def as_image_result(self, concept: int, index: int, **record) -> ImageResult:
+        tensors = {"seed": self.seed, "initial_seed": self.initial_seed}
+        facts = {"losses": self.history, "best_iteration": self.best_iteration, "best_loss": self.best_loss,
+                 "stop_reason": self.stop_reason, "updates": self.updates, "seconds": self.seconds, **record}
+        for k, v in self.extras.items():
+            (tensors if torch.is_tensor(v) else facts)[k] = v
+        return ImageResult(concept, index, self.image, tensors, facts)
 
 
 def semantic_distance(embeds: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -121,7 +156,11 @@ def semantic_distance(embeds: torch.Tensor, centroids: torch.Tensor, labels: tor
 
 
 class SeedSelectPipeline(ConceptPipeline):
-    """Seed optimisation against reference images; ``__call__`` makes ``num_images`` images of one concept."""
+    """Seed optimisation against reference images, for one or several concepts per call."""
+
+    settings_cls = SeedSelectSettings
+    needs_image_encoder = True
+    min_references = 1
 
     # ------------------------------------------------------------------ differentiable forward
     def _embed_image(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,87 +264,91 @@ class SeedSelectPipeline(ConceptPipeline):
                            stop_reason=stop[i] or "iterations", history=history[i], seconds=seconds)
                 for i in range(n)]
 
-    # ------------------------------------------------------------------------------ one concept
-    def targets_for(self, prompt: str, encodings: ReferenceEncodings, count: int) -> list[Target]:
-        emb = encode_prompts(self, [prompt])[0].to(self.compute_dtype)
-        return [Target.from_encodings(encodings, emb)] * count
-
-    def class_targets(self, prompts: Sequence[str], encodings: Sequence[ReferenceEncodings],
-                      labels: Sequence[int]) -> list[Target]:
-        """Targets for seeds of several classes optimised together (the contrastive semantic loss):
-        seed b pulls towards class ``labels[b]`` and away from the other classes' centroids."""
-        if len(prompts) != len(encodings):
-            raise ValueError(f"{len(prompts)} prompts but {len(encodings)} reference sets")
+    # ------------------------------------------------------------------------------- targets
+    def contrast_set(self, prompts: Sequence[str], encodings: Sequence[ReferenceEncodings],
+                     settings: SeedSelectSettings) -> "ContrastSet":
+        """The concepts of one call: their text embeddings and unit centroids; the contrastive loss runs
+        across them when there are several and ``settings.semantic_loss`` says so."""
         emb = encode_prompts(self, list(prompts)).to(self.compute_dtype)
         centroids = torch.stack([e.clip_centroid() for e in encodings])
-        return [Target(centroids, int(c), encodings[c].latent_centroid(), emb[c]) for c in labels]
+        contrastive = settings.semantic_loss == "contrastive" and len(prompts) > 1
+        return ContrastSet(emb, list(encodings), centroids if contrastive else None)
 
-    def bootstrap_targets(self, prompt: str, encodings: ReferenceEncodings, indices: Sequence[int],
-                          base_seed: int) -> list[Target]:
-        """One bootstrap resample (with replacement) of the references per image index, seeded by it."""
-        emb = encode_prompts(self, [prompt])[0].to(self.compute_dtype)
-        n = len(encodings.clip)
-        out = []
-        for idx in indices:
-            g = torch.Generator().manual_seed(_mix(base_seed, idx, 0xB007))
-            pick = torch.randint(0, n, (n,), generator=g)
-            out.append(Target.from_encodings(encodings.subset(pick), emb))
-        return out
+    def targets_for(self, prompt: str, encodings: ReferenceEncodings, count: int) -> list[Target]:
+        """``count`` targets pulling towards one concept's references (the single-concept loss)."""
+        return [self.contrast_set([prompt], [encodings], SeedSelectSettings()).target(0)] * count
 
-    def bootstrap_seeds(self, z_star: torch.Tensor, indices: Sequence[int], base_seed: int,
+    def bootstrap_target(self, contrast: "ContrastSet", concept: int, index: int, seed: int) -> Target:
+        """A bootstrap resample (with replacement) of the concept's references, keyed by (seed, index)."""
+        enc = contrast.encodings[concept]
+        n = len(enc.clip)
+        g = torch.Generator().manual_seed(derive_seed(seed, index, 0xB007))
+        return contrast.target(concept, enc.subset(torch.randint(0, n, (n,), generator=g)))
+
+    def bootstrap_seeds(self, z_star: torch.Tensor, indices: Sequence[int], seed: int,
                         settings: SeedSelectSettings) -> torch.Tensor:
         """Start points z*·sqrt(1-r²) + r·eps (variance-preserving, so still N(0, I)-shaped)."""
         r = settings.bootstrap_perturbation
-        eps = random_seeds(z_star.shape, [_mix(base_seed, i, 0x5EED) for i in indices], z_star.dtype)
+        eps = random_seeds(z_star.shape, [derive_seed(seed, i, 0x5EED) for i in indices], z_star.dtype)
         return math.sqrt(1 - r * r) * z_star.cpu()[None] + r * eps
 
-    def __call__(self, prompt: str, encodings: ReferenceEncodings, image_indices: Sequence[int], base_seed: int = 0,
-                 settings: SeedSelectSettings = SeedSelectSettings(), z_star: torch.Tensor | None = None,
-                 progress: bool = True, callback=None) -> list[SeedResult]:
-        """Images ``image_indices`` of one concept (image i starts from seed ``base_seed + i``).
+    # ---------------------------------------------------------------------------------- call
+    def __call__(self, prompt: str | Sequence[str], reference_images=None, num_images_per_prompt: int = 1, *,
+                 settings: SeedSelectSettings | None = None, generator: torch.Generator | None = None,
+                 seed: int | None = None, image_indices=None, z_star: dict[int, torch.Tensor] | None = None,
+                 output_type: str = "pil", cache_dir: str | None = None, callback=None, progress: bool = True,
+                 return_dict: bool = True, **overrides):
+        """``num_images_per_prompt`` images of each concept in ``prompt`` (a string or a list), each from
+        its reference images (``reference_images``: one folder / list of images, or one per prompt).
 
-        With ``settings.bootstrap``, image 0 is z* (full references, all iterations) and every other
-        index starts from ``z_star`` (pass it, or include index 0) with its own bootstrap resample and
-        ``bootstrap_iterations`` iterations. Batches of ``settings.batch_size`` seeds; ``callback``
-        gets ``{index: SeedResult}`` after each batch (so callers can save finished images at once).
-        """
-        indices = list(image_indices)
-        results: dict[int, SeedResult] = {}
-        if settings.bootstrap:
-            if 0 in indices:
-                results[0] = self.optimize(random_seeds(self.latent_shape, [base_seed], self.compute_dtype),
-                                           self.targets_for(prompt, encodings, 1), settings, progress=progress)[0]
-                z_star = results[0].seed
+        Image i starts from seed ``seed + i``. With ``settings.bootstrap``, image 0 of each concept is z*
+        (all references, all iterations) and image i > 0 starts near z* with its own bootstrap resample
+        of the references and ``bootstrap_iterations`` iterations; ``z_star`` ({concept: seed}) passes
+        finished z* seeds in. Several seeds (of any concepts) are optimised per batch;
+        ``callback(ImageResult)`` is called for every image as soon as its batch is done."""
+        plan = self.plan(prompt, reference_images, num_images_per_prompt, image_indices, generator, seed,
+                         settings, **overrides)
+        s = plan.settings
+        contrast = self.contrast_set(plan.prompts, [encode_references(self, r, cache_dir) for r in plan.references], s)
+        results: dict[tuple[int, int], ImageResult] = {}
+
+        def run(pairs, seeds, targets, iterations=None):
+            res = self.optimize(seeds, targets, s, iterations=iterations, progress=progress)
+            for (c, i), r in zip(pairs, res):
+                results[c, i] = r.as_image_result(c, i, seed_int=plan.seed + i)
                 if callback is not None:
-                    callback({0: results[0]})
-            rest = [i for i in indices if i != 0]
-            if rest and z_star is None:
-                raise ValueError("bootstrap images need z* (image 0) first")
-            for chunk in _chunks(rest, settings.batch_size):
-                seeds = self.bootstrap_seeds(z_star, chunk, base_seed, settings)
-                res = self.optimize(seeds, self.bootstrap_targets(prompt, encodings, chunk, base_seed), settings,
-                                    iterations=settings.bootstrap_iterations, progress=progress)
-                results.update(zip(chunk, res))
-                if callback is not None:
-                    callback(dict(zip(chunk, res)))
-        else:
-            for chunk in _chunks(indices, settings.batch_size):
-                seeds = random_seeds(self.latent_shape, [base_seed + i for i in chunk], self.compute_dtype)
-                res = self.optimize(seeds, self.targets_for(prompt, encodings, len(chunk)), settings,
-                                    progress=progress)
-                results.update(zip(chunk, res))
-                if callback is not None:
-                    callback(dict(zip(chunk, res)))
-        return [results[i] for i in indices]
+                    callback(results[c, i])
+            return res
+
+        if not s.bootstrap:
+            for chunk in chunks(plan.pairs, s.batch_size):
+                run(chunk, random_seeds(self.latent_shape, [plan.seed + i for _, i in chunk], self.compute_dtype),
+                    [contrast.target(c) for c, _ in chunk])
+            return self.output(plan, results, output_type, return_dict)
+        stars = dict(z_star or {})
+        rest = [(c, i) for c, i in plan.pairs if i != 0]
+        # z* of every concept that has image 0 to make, or bootstrap images but no finished z*
+        first = [(c, 0) for c in range(len(plan.prompts))
+                 if (c, 0) in plan.pairs or (c not in stars and any(cc == c for cc, _ in rest))]
+        for chunk in chunks(first, s.batch_size):
+            res = run(chunk, random_seeds(self.latent_shape, [plan.seed] * len(chunk), self.compute_dtype),
+                      [contrast.target(c) for c, _ in chunk])
+            stars.update({c: r.seed for (c, _), r in zip(chunk, res)})
+        for chunk in chunks(rest, s.batch_size):
+            seeds = torch.cat([self.bootstrap_seeds(stars[c], [i], plan.seed, s) for c, i in chunk])
+            run(chunk, seeds, [self.bootstrap_target(contrast, c, i, plan.seed) for c, i in chunk],
+                iterations=s.bootstrap_iterations)
+        return self.output(plan, results, output_type, return_dict)
 
 
-def _chunks(items: list, size: int):
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
+@dataclass
+class ContrastSet:
+    """Text embeddings (P, L, D), reference encodings and, when the loss contrasts them, the unit
+    centroids (P, D) of the concepts of one call."""
+    prompt_embeds: torch.Tensor
+    encodings: list[ReferenceEncodings]
+    centroids: torch.Tensor | None
 
-
-def _mix(*values: int) -> int:
-    """A deterministic 63-bit seed from several integers."""
-    import hashlib
-
-    return int.from_bytes(hashlib.sha256(",".join(map(str, values)).encode()).digest()[:8], "little") >> 1
+    def target(self, concept: int, encodings: ReferenceEncodings | None = None) -> Target:
+        enc = self.encodings[concept] if encodings is None else encodings
+        return Target.from_encodings(enc, self.prompt_embeds[concept], self.centroids, concept)

@@ -5,7 +5,7 @@ same weights. The tokenizer is the REAL CLIP BPE tokenizer, rebuilt offline from
 that ships inside open_clip, so prompts tokenize exactly as with Stable Diffusion.
 
 ``save_tiny_pipeline(folder)`` / ``save_tiny_image_encoder(folder)`` write folders that
-:func:`pipelines.components.load_components` (and hence the CLI) loads like a hub model.
+:func:`pipelines.loading.load_components` (and hence the CLI) loads like a hub model.
 """
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ def tiny_text_encoder(sizes: TinySizes = TinySizes(), seed: int = 2):
 def tiny_scheduler():
     from diffusers import DDIMScheduler
 
-    from .components import REFERENCE_SCHEDULER_CONFIG
+    from .loading import REFERENCE_SCHEDULER_CONFIG
 
     return DDIMScheduler(**REFERENCE_SCHEDULER_CONFIG)
 
@@ -138,8 +138,8 @@ def tiny_image_encoder(sizes: TinySizes = TinySizes(), seed: int = 3):
 
 
 def tiny_components(sizes: TinySizes = TinySizes(), dtype: torch.dtype = torch.float32):
-    """All components as a :class:`pipelines.components.Components` (model ids name them as tiny)."""
-    from .components import Components
+    """All components as a :class:`pipelines.loading.Components` (model ids name them as tiny)."""
+    from .loading import Components
 
     image_encoder, processor = tiny_image_encoder(sizes)
     comps = Components(

@@ -125,8 +125,8 @@ def test_saved_token_reloads_and_reproduces_the_same_image(pipe, tmp_path, monke
     assert path.is_file() and path.suffix == ".safetensors"
     loaded = DctToken.load(path)
     assert torch.equal(loaded.embedding, token.embedding) and loaded.class_index == 1
-    a = pipe("tiger cat", token, [7], settings).images[0]
-    b = pipe("tiger cat", loaded, [7], settings).images[0]
+    a = pipe.generate_with_token("tiger cat", token, [7], settings).images[0]
+    b = pipe.generate_with_token("tiger cat", loaded, [7], settings).images[0]
     assert np.array_equal(np.asarray(a), np.asarray(b))
     # a rerun with the same settings reuses the finished token instead of training
     monkeypatch.setattr(DctPipeline, "train_token", lambda *a, **k: pytest.fail("retrained a finished token"))
@@ -142,8 +142,8 @@ def test_the_token_changes_the_generated_image(pipe):
     settings = fast()
     base = pipe.initial_embedding(settings)
     moved = DctToken(base + 3 * torch.randn(base.shape, generator=torch.Generator().manual_seed(0)), "tiger cat", 1)
-    a = np.asarray(pipe("tiger cat", DctToken(base, "tiger cat", 1), [3], settings).images[0]).astype(int)
-    b = np.asarray(pipe("tiger cat", moved, [3], settings).images[0]).astype(int)
+    a = np.asarray(pipe.generate_with_token("tiger cat", DctToken(base, "tiger cat", 1), [3], settings).images[0]).astype(int)
+    b = np.asarray(pipe.generate_with_token("tiger cat", moved, [3], settings).images[0]).astype(int)
     assert np.abs(a - b).sum() > 0
 
 

@@ -12,7 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines import components as C
+from pipelines.imaging import clip_input_size, to_pil
+from pipelines.loading import ddim_scheduler
+from pipelines.prompts import encode_prompts
+from pipelines.references import ReferenceEncodings, ReferenceImage, encode_references, load_reference_images
+from pipelines.sampling import denoise, random_seeds
 from pipelines.__main__ import main as cli
 from pipelines.inversion import DDIMInversionPipeline
 from pipelines.seedselect import (NonFiniteLossError, SeedSelectPipeline, SeedSelectSettings, Target,
@@ -44,8 +48,8 @@ def seedselect(comps):
 
 @pytest.fixture(scope="module")
 def encodings(seedselect):
-    refs = [C.ReferenceImage(f"r{i}", noise_image(i)) for i in range(3)]
-    return C.encode_references(seedselect, refs)
+    refs = [ReferenceImage(f"r{i}", noise_image(i)) for i in range(3)]
+    return encode_references(seedselect, refs)
 
 
 @pytest.fixture(scope="module")
@@ -82,9 +86,9 @@ def test_sizes_follow_the_configs():
     sizes = TinySizes(latent_size=4, vae_channels=(8, 16), clip_size=24)
     pipe = StableDiffusionSamplingPipeline.from_components(tiny_components(sizes))
     assert (pipe.image_size, pipe.latent_shape) == (8, (4, 4, 4))
-    out = pipe("a cat", [0, 1], replace(pipe_settings(), num_inference_steps=2))
+    out = pipe("a cat", num_images_per_prompt=2, seed=0, settings=replace(pipe_settings(), num_inference_steps=2))
     assert [im.size for im in out.images] == [(8, 8)] * 2
-    assert C.clip_input_size(pipe.image_processor) == (24, 24)
+    assert clip_input_size(pipe.image_processor) == (24, 24)
 
 
 def pipe_settings():
@@ -94,14 +98,16 @@ def pipe_settings():
 
 
 def test_reference_cache_keyed_by_content(tmp_path, seedselect, monkeypatch):
-    refs = [C.ReferenceImage(f"r{i}", noise_image(i)) for i in range(2)]
-    first = C.encode_references(seedselect, refs, tmp_path)
-    monkeypatch.setattr(C, "clip_embed", lambda *a, **k: pytest.fail("cache not used"))
-    again = C.encode_references(seedselect, refs, tmp_path)
+    refs = [ReferenceImage(f"r{i}", noise_image(i)) for i in range(2)]
+    first = encode_references(seedselect, refs, tmp_path)
+    import pipelines.references
+
+    monkeypatch.setattr(pipelines.references, "clip_embed", lambda *a, **k: pytest.fail("cache not used"))
+    again = encode_references(seedselect, refs, tmp_path)
     assert torch.equal(first.clip, again.clip) and torch.equal(first.latents, again.latents)
     monkeypatch.undo()
-    changed = [refs[0], C.ReferenceImage("r1", noise_image(7))]   # same name, new pixels
-    other = C.encode_references(seedselect, changed, tmp_path)
+    changed = [refs[0], ReferenceImage("r1", noise_image(7))]   # same name, new pixels
+    other = encode_references(seedselect, changed, tmp_path)
     assert len(list(tmp_path.glob("refenc-*.safetensors"))) == 2
     assert not torch.allclose(other.clip[1], first.clip[1])
     assert torch.equal(other.clip[0], first.clip[0])
@@ -109,17 +115,17 @@ def test_reference_cache_keyed_by_content(tmp_path, seedselect, monkeypatch):
 
 def test_load_reference_images_errors_and_conversions(tmp_path, folders):
     with pytest.raises(FileNotFoundError, match="nope"):
-        C.load_reference_images(tmp_path / "nope")
+        load_reference_images(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="contains no images"):
-        C.load_reference_images(tmp_path / "empty")
+        load_reference_images(tmp_path / "empty")
     bad = tmp_path / "bad"
     bad.mkdir()
     noise_image(0).save(bad / "ok.png")
     (bad / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     with pytest.raises(ValueError, match="broken.jpg"):
-        C.load_reference_images(bad)
-    refs = C.load_reference_images(folders / "refs")
+        load_reference_images(bad)
+    refs = load_reference_images(folders / "refs")
     assert sorted(r.name for r in refs) == ["a.png", "alpha.png", "grey_odd.png", "palette.gif"]
     assert all(r.image.mode == "RGB" for r in refs)
 
@@ -137,7 +143,7 @@ def test_reference_presets_are_the_authors_settings():
             n.n_points) == (5, 0.05, 0.005, 3, 1.0, 50, 50)
     assert get_method("sd").settings("fast", "cuda").dtype == "bf16"
     assert get_method("sd").settings("fast", "cpu").dtype == "fp32"
-    sched = C.ddim_scheduler(tiny_components().scheduler.config)
+    sched = ddim_scheduler(tiny_components().scheduler.config)
     sched.set_timesteps(20)
     assert sched.timesteps[0] == 951 and sched.timesteps[-1] == 1
 
@@ -157,7 +163,7 @@ def test_semantic_distance_matches_hand_computation():
 
 
 def test_centroid_of_unnormalised_embeddings():
-    enc = C.ReferenceEncodings(clip=torch.tensor([[10.0, 0.0], [0.0, 1.0]]), latents=torch.zeros(2, 4, 2, 2))
+    enc = ReferenceEncodings(clip=torch.tensor([[10.0, 0.0], [0.0, 1.0]]), latents=torch.zeros(2, 4, 2, 2))
     assert enc.clip_centroid().tolist() == pytest.approx([10 / math.sqrt(101), 1 / math.sqrt(101)])
 
 
@@ -165,7 +171,7 @@ def test_gradients_reach_the_seed_from_both_losses(seedselect, encodings):
     settings = SeedSelectSettings(**FAST)
     targets = seedselect.targets_for("a cat", encodings, 2)
     for term in ("semantic", "appearance"):
-        z = C.random_seeds(seedselect.latent_shape, [0, 1]).requires_grad_()
+        z = random_seeds(seedselect.latent_shape, [0, 1]).requires_grad_()
         out = seedselect.compute_losses(z, targets, settings, 0)
         out[term].sum().backward()
         assert torch.isfinite(z.grad).all() and z.grad.abs().sum(dim=(1, 2, 3)).min() > 0, term
@@ -175,13 +181,13 @@ def test_gradients_reach_the_seed_from_both_losses(seedselect, encodings):
 def test_checkpointed_and_plain_gradients_agree_float64():
     comps = tiny_components(dtype=torch.float64)
     pipe = SeedSelectPipeline.from_components(comps)
-    refs = [C.ReferenceImage(f"r{i}", noise_image(i)) for i in range(2)]
-    targets = pipe.targets_for("a cat", C.encode_references(pipe, refs), 2)
+    refs = [ReferenceImage(f"r{i}", noise_image(i)) for i in range(2)]
+    targets = pipe.targets_for("a cat", encode_references(pipe, refs), 2)
     grads = []
     for ckpt in (False, True):
         settings = SeedSelectSettings(**{**FAST, "num_inference_steps": 4}, gradient_checkpointing=ckpt,
                                       checkpoint_decoder=ckpt)
-        z = C.random_seeds(pipe.latent_shape, [3, 4], torch.float64).requires_grad_()
+        z = random_seeds(pipe.latent_shape, [3, 4], torch.float64).requires_grad_()
         pipe.compute_losses(z, targets, settings, 0)["total"].sum().backward()
         grads.append(z.grad)
     assert grads[0].abs().max() > 0
@@ -205,7 +211,7 @@ def test_early_stop_fires_per_seed_and_returns_the_best_seed(comps):
                    [9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0]]
     # the label only tells the script which seed is which
     targets = [Target(torch.zeros(2, 16), k, torch.zeros(4, 8, 8), torch.zeros(77, 32)) for k in range(2)]
-    seeds = C.random_seeds(pipe.latent_shape, [0, 1])
+    seeds = random_seeds(pipe.latent_shape, [0, 1])
     first, second = pipe.optimize(seeds, targets, SeedSelectSettings(iterations=8, early_stop_patience=3),
                                   progress=False)
     assert first.stop_reason == "early_stop" and len(first.history) == 6
@@ -213,7 +219,7 @@ def test_early_stop_fires_per_seed_and_returns_the_best_seed(comps):
     seed_at_1 = next(s for it, s, n in pipe.seen if it == 1)[0]
     torch.testing.assert_close(first.seed, seed_at_1)
     assert not torch.equal(first.seed, first.initial_seed)
-    expected_image = C.to_pil(seed_at_1[None, :3].sigmoid())[0]
+    expected_image = to_pil(seed_at_1[None, :3].sigmoid())[0]
     assert np.array_equal(np.asarray(first.image), np.asarray(expected_image))
     # the other seed went on alone, and its final (never-updated) seed was evaluated too
     assert second.stop_reason == "iterations" and len(second.history) == 9 and second.best_iteration == 8
@@ -221,12 +227,16 @@ def test_early_stop_fires_per_seed_and_returns_the_best_seed(comps):
 
 
 def test_classes_optimised_together_use_the_contrastive_loss(seedselect, encodings):
-    other = C.ReferenceEncodings(clip=-encodings.clip, latents=-encodings.latents)
-    targets = seedselect.class_targets(["a cat", "a dog"], [encodings, other], [0, 1, 1])
+    other = ReferenceEncodings(clip=-encodings.clip, latents=-encodings.latents)
+    contrast = seedselect.contrast_set(["a cat", "a dog"], [encodings, other], SeedSelectSettings())
+    targets = [contrast.target(c) for c in (0, 1, 1)]
     assert [t.label for t in targets] == [0, 1, 1] and targets[0].clip_centroids.shape[0] == 2
     torch.testing.assert_close(targets[1].clip_centroids[1], other.clip_centroid())
+    per_concept = seedselect.contrast_set(["a cat", "a dog"], [encodings, other],
+                                          SeedSelectSettings(semantic_loss="per_concept"))
+    assert per_concept.target(1).clip_centroids.shape[0] == 1 and per_concept.target(1).label == 0
     settings = SeedSelectSettings(**FAST)
-    z = C.random_seeds(seedselect.latent_shape, [0, 1, 2])
+    z = random_seeds(seedselect.latent_shape, [0, 1, 2])
     with torch.no_grad():
         joint = seedselect.compute_losses(z, targets, settings, 0)["semantic"]
         alone = seedselect.compute_losses(z, seedselect.targets_for("a cat", encodings, 3), settings, 0)["semantic"]
@@ -236,36 +246,76 @@ def test_classes_optimised_together_use_the_contrastive_loss(seedselect, encodin
     assert len(results) == 3 and all(math.isfinite(r.best_loss) for r in results)
 
 
+def _refs(seed, n=2):
+    return [noise_image(seed + k) for k in range(n)]
+
+
+def test_several_concepts_in_one_call_diffusers_style(seedselect):
+    kw = dict(num_inference_steps=2, iterations=1, last_k_weights=(1.0,), batch_size=3, progress=False)
+    out = seedselect(["a cat", "a dog"], [_refs(0), _refs(5)], 2, generator=torch.Generator().manual_seed(0), **kw)
+    assert len(out.images) == 4 and all(isinstance(im, Image.Image) for im in out.images)
+    assert [(r["concept"], r["index"], r["prompt"]) for r in out.records] == [
+        (0, 0, "a cat"), (0, 1, "a cat"), (1, 0, "a dog"), (1, 1, "a dog")]
+    assert out.seeds.shape == (4, *seedselect.latent_shape)
+    again = seedselect(["a cat", "a dog"], [_refs(0), _refs(5)], 2, generator=torch.Generator().manual_seed(0), **kw)
+    assert torch.equal(out.seeds, again.seeds)
+    # the contrastive loss makes a concept's images depend on the other concepts; per-concept does not
+    alone = seedselect("a cat", _refs(0), 2, seed=out.records[0]["seed_int"], **kw)
+    pair = seedselect(["a cat", "a dog"], [_refs(0), _refs(5)], 2, seed=out.records[0]["seed_int"],
+                      semantic_loss="per_concept", **kw)
+    torch.testing.assert_close(pair.seeds[:2], alone.seeds, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(out.seeds[:2], alone.seeds, rtol=1e-4, atol=1e-5)
+    arrays = seedselect("a cat", _refs(0), 1, seed=0, output_type="np", **kw).images
+    assert arrays.shape == (1, 32, 32, 3) and arrays.dtype == np.float32
+    with pytest.raises(ValueError, match="2 prompts but 1 reference sets"):
+        seedselect(["a cat", "a dog"], [_refs(0)], 1, seed=0, **kw)
+
+
+def test_bootstrap_runs_per_concept_inside_a_multi_concept_batch(seedselect):
+    kw = dict(num_inference_steps=2, iterations=2, last_k_weights=(1.0,), bootstrap=True, bootstrap_iterations=1,
+              batch_size=4, progress=False)
+    seen = []
+    out = seedselect(["a cat", "a dog"], [_refs(0, 3), _refs(5, 3)], 3, seed=1, callback=seen.append, **kw)
+    assert sorted((r.concept, r.index) for r in seen) == [(c, i) for c in (0, 1) for i in range(3)]
+    updates = {(r["concept"], r["index"]): r["updates"] for r in out.records}
+    assert updates[0, 0] == updates[1, 0] == 2 and updates[0, 1] == updates[1, 2] == 1  # z*: full budget
+    assert not torch.equal(out.seeds[0], out.seeds[3])  # each concept has its own z*
+    # resuming the dog's image 2 from its finished z* gives the image of the one-go run
+    resumed = seedselect(["a cat", "a dog"], [_refs(0, 3), _refs(5, 3)], seed=1, image_indices={1: [2]},
+                         z_star={1: out.seeds[3]}, **kw)
+    torch.testing.assert_close(resumed.seeds[0], out.seeds[5], rtol=1e-4, atol=1e-5)
+
+
 def test_non_finite_loss_is_a_clear_error(seedselect, encodings):
     settings = SeedSelectSettings(**FAST)
-    seeds = C.random_seeds(seedselect.latent_shape, [0])
+    seeds = random_seeds(seedselect.latent_shape, [0])
     seeds[0, 0, 0, 0] = float("nan")
     with pytest.raises(NonFiniteLossError, match="not finite at iteration 0"):
         seedselect.optimize(seeds, seedselect.targets_for("a cat", encodings, 1), settings, progress=False)
 
 
-def test_bootstrap_seeds_are_distinct_and_reproducible(seedselect, encodings):
+def test_bootstrap_seeds_are_distinct_and_reproducible(seedselect):
     settings = SeedSelectSettings(**FAST, bootstrap=True, bootstrap_iterations=1, batch_size=2)
-    runs = [seedselect("a cat", encodings, [0, 1, 2], base_seed=5, settings=settings, progress=False)
-            for _ in range(2)]
-    for a, b in zip(*runs):
-        assert torch.equal(a.seed, b.seed)
-    z = [r.seed for r in runs[0]]
+    refs = [ReferenceImage(f"r{i}", noise_image(i)) for i in range(3)]
+    runs = [seedselect("a cat", refs, 3, seed=5, settings=settings, progress=False) for _ in range(2)]
+    assert torch.equal(runs[0].seeds, runs[1].seeds)
+    z = runs[0].seeds
     assert not torch.equal(z[1], z[2]) and not torch.equal(z[0], z[1])
     # bootstrap samples differ per image and are seeded
-    t1 = seedselect.bootstrap_targets("a cat", encodings, [1, 2], 5)
-    t2 = seedselect.bootstrap_targets("a cat", encodings, [1, 2], 5)
+    contrast = seedselect.contrast_set(["a cat"], [encode_references(seedselect, refs)], settings)
+    t1 = [seedselect.bootstrap_target(contrast, 0, i, 5) for i in (1, 2)]
+    t2 = [seedselect.bootstrap_target(contrast, 0, i, 5) for i in (1, 2)]
     assert torch.equal(t1[0].clip_centroids, t2[0].clip_centroids)
     assert not torch.equal(t1[0].clip_centroids, t1[1].clip_centroids)
     # resuming with z* gives the same bootstrap seed as the one-go run (up to batch-size round-off)
-    resumed = seedselect("a cat", encodings, [2], base_seed=5, settings=settings, z_star=z[0], progress=False)
-    torch.testing.assert_close(resumed[0].seed, z[2], rtol=1e-4, atol=1e-5)
+    resumed = seedselect("a cat", refs, seed=5, image_indices=[2], settings=settings, z_star={0: z[0]}, progress=False)
+    torch.testing.assert_close(resumed.seeds[0], z[2], rtol=1e-4, atol=1e-5)
 
 
 def test_bf16_models_keep_seeds_and_losses_fp32(encodings):
     pipe = SeedSelectPipeline.from_components(tiny_components(dtype=torch.bfloat16))
     targets = pipe.targets_for("a cat", encodings, 1)
-    res = pipe.optimize(C.random_seeds(pipe.latent_shape, [0]), targets, SeedSelectSettings(**FAST), progress=False)
+    res = pipe.optimize(random_seeds(pipe.latent_shape, [0]), targets, SeedSelectSettings(**FAST), progress=False)
     assert res[0].seed.dtype == torch.float32 and math.isfinite(res[0].best_loss)
 
 
@@ -276,18 +326,18 @@ def test_invert_then_regenerate_reconstructs_the_latent():
         comps.unet.conv_out.weight.mul_(0.1)
     pipe = DDIMInversionPipeline.from_components(comps)
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    cond = C.encode_prompts(pipe, ["a cat"]).expand(2, -1, -1)
+    cond = encode_prompts(pipe, ["a cat"]).expand(2, -1, -1)
     errors = {}
     for steps in (10, 50):
         seeds = pipe.invert_latents(latents, "a cat", steps)
         with torch.no_grad():
-            rec = C.denoise(pipe, seeds, cond, None, 1.0, steps)[-1]
+            rec = denoise(pipe, seeds, cond, None, 1.0, steps)[-1]
         errors[steps] = ((rec - latents).norm() / latents.norm()).item()
     assert errors[50] < 0.05
     assert errors[50] < errors[10]
     # a seed that is not the inversion lands far away
     with torch.no_grad():
-        other = C.denoise(pipe, torch.randn_like(seeds), cond, None, 1.0, 50)[-1]
+        other = denoise(pipe, torch.randn_like(seeds), cond, None, 1.0, 50)[-1]
     assert ((other - latents).norm() / latents.norm()).item() > 10 * errors[50]
 
 
@@ -346,6 +396,50 @@ def test_cli_nao_seedselect(folders, tmp_path):
     assert recs[0]["settings"]["guidance_scale"] == 1.0 and recs[0]["settings"]["lr"] == 0.05
     assert len(list((out / "cache").glob("inverted-*.safetensors"))) == 1
     assert len(list((out / "cache").glob("nao-*.safetensors"))) == 1
+
+
+def test_nao_starts_spread_over_the_whole_paths():
+    from pipelines.nao_seedselect import interior_points, spread_order, start_points
+
+    assert sorted(spread_order(48)) == list(range(48)) and spread_order(1) == [0]
+    # the authors' 5 references x 50-point paths, 50 images: 10 starts per path from end to end
+    starts = start_points(5, 50)[:50]
+    for path in range(5):
+        points = sorted(p for k, p in starts if k == path)
+        assert len(points) == 10 and points[0] <= 7 and points[-1] >= 42
+        assert max(b - a for a, b in zip([0] + points, points + [49])) <= 7  # no long uncovered stretch
+    paths = torch.arange(5 * 50, dtype=torch.float64).reshape(5, 50, 1)
+    assert interior_points(paths)[:5, 0].tolist() == [paths[k, starts[k][1], 0].item() for k in range(5)]
+
+
+def test_cli_several_concepts_contrasted_in_one_run(folders, tmp_path):
+    out = tmp_path / "out"
+    other = tmp_path / "other refs"
+    other.mkdir()
+    for k in range(2):
+        noise_image(20 + k).save(other / f"o{k}.png")
+    args = cli_args(folders, "seedselect", out, "--num-images", "2", "--iterations", "1", "--batch-size", "4",
+                    "--set", "last_k_weights=1", "--prompt", "lynx", "--refs", str(other))
+    assert cli(args) == 0
+    tiger = [json.loads(p.read_text()) for p in sorted((out / "tiger_cat").glob("seedselect-*-0000?.json"))]
+    lynx = [json.loads(p.read_text()) for p in sorted((out / "lynx").glob("seedselect-*-0000?.json"))]
+    assert len(tiger) == len(lynx) == 2 and tiger[0]["run"] != lynx[0]["run"]
+    assert [c["prompt"] for c in tiger[0]["contrast_set"]] == ["tiger cat", "lynx"]
+    # the same two concepts from a CSV give the same runs (nothing redone); alone, another run
+    csv_file = tmp_path / "concepts.csv"
+    csv_file.write_text(f"prompt,refs\ntiger cat,{folders / 'refs'}\nlynx,other refs\n")
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.png") if "contact" not in p.name}
+    base = [a for a in cli_args(folders, "seedselect", out, "--num-images", "2", "--iterations", "1", "--batch-size",
+                                "4", "--set", "last_k_weights=1")]
+    k = base.index("--prompt")
+    del base[k:k + 2]
+    k = base.index("--refs")
+    del base[k:k + 2]
+    assert cli(base + ["--concepts", str(csv_file)]) == 0
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    assert cli(args[:args.index("--prompt", args.index("--prompt") + 1)]) == 0
+    assert len(list(out.glob("seedselect-*-00000.json"))) == 1   # one concept: straight into --out
+    assert cli(base + ["--concepts", str(tmp_path / "nope.csv")]) == 2
 
 
 def test_python_api_with_dict_settings(comps, tmp_path):

@@ -37,7 +37,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipelines.components import encode_references, load_components, load_reference_images
+from pipelines.loading import load_components
+from pipelines.references import load_reference_images
 from pipelines.io import save_image, save_tensors, write_json, write_text
 from pipelines.registry import get_method
 
@@ -49,7 +50,7 @@ from .metrics import ci95, diversity, fidelity
 from .trace import TracedNaoSeedSelect, TracedSeedSelect
 
 BASELINE = "sd"
-UNIT_VERSION = 2       # bump when how a unit is generated here changes (pipelines/ and trace.py are hashed)
+UNIT_VERSION = 3       # bump when how a unit is generated here changes (pipelines/ and trace.py are hashed)
 LABELS = {"sd": "plain", "seedselect": "SeedSelect", "nao-seedselect": "NAO-SeedSelect", "dct": "DCT"}
 SEED_STRIDE = 100_000  # image i of replicate seed s starts from integer seed s * SEED_STRIDE + i
 
@@ -95,17 +96,20 @@ def to_u8(images) -> torch.Tensor:
     return torch.stack([torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1) for im in images])
 
 
-def updates(result) -> int:
-    """Optimiser updates a SeedSelect result ran (its history holds one more, evaluation-only entry)."""
-    return len(result.history) - 1
+def collect(pipe, *args, **kwargs) -> list:
+    """Call a pipeline and return its ImageResults (tensors included, e.g. traces) in call order."""
+    results = []
+    pipe(*args, callback=results.append, progress=False, **kwargs)
+    return sorted(results, key=lambda r: (r.concept, r.index))
 
 
 def optimised(results, trace: bool) -> dict:
-    """A unit from SeedSelect-type results: images, optionally their per-iteration traces, the record."""
+    """A unit from SeedSelect-type ImageResults: images, optionally their per-iteration traces, the record."""
     out = {"images": to_u8([r.image for r in results]),
-           "record": {"updates": [updates(r) for r in results], "stop_reasons": [r.stop_reason for r in results]}}
+           "record": {"updates": [r.record["updates"] for r in results],
+                      "stop_reasons": [r.record["stop_reason"] for r in results]}}
     if trace:
-        out["trace"] = torch.stack([r.extras["trace"] for r in results])
+        out["trace"] = torch.stack([r.tensors["trace"] for r in results])
     return out
 
 
@@ -184,20 +188,20 @@ class ClaimsRun:
 
     def _sd(self, label, seed, n, s) -> dict:
         pipe = get_method("sd").pipeline_cls.from_components(self.comps)
-        out = pipe(self.cfg.prompt(label), self._int_seeds(seed, n), s)
+        out = pipe(self.cfg.prompt(label), num_images_per_prompt=n, seed=self._base(seed), settings=s)
         return {"images": to_u8(out.images), "record": {"updates": [0] * n}}
 
     def _seedselect(self, label, seed, n, s) -> dict:
         pipe = TracedSeedSelect.from_components(self.comps)
-        enc = encode_references(pipe, self.refs[label], self.cache)
+        call = dict(seed=self._base(seed), settings=s, cache_dir=self.cache)
         if not s.bootstrap:  # one budget per image: the fidelity-vs-iterations trace is comparable
-            res = pipe(self.cfg.prompt(label), enc, list(range(n)), self._base(seed), s, progress=False)
-            return {**optimised(res, trace=True), "seeds": torch.stack([r.seed for r in res])}
+            res = collect(pipe, self.cfg.prompt(label), self.refs[label], n, **call)
+            return {**optimised(res, trace=True), "seeds": torch.stack([r.tensors["seed"] for r in res])}
         # z* (image 0: seed base+0, all references, the full budget) is exactly image 0 of the traced run
         # from random seeds, which is batched: reuse it instead of optimising it again alone
         curve = self.unit("curve", "seedselect", label, seed, self.cc.curve_images, dataclasses.replace(s, bootstrap=False))
-        res = pipe(self.cfg.prompt(label), enc, list(range(1, n)), self._base(seed), s, z_star=curve["seeds"][0],
-                   progress=False)
+        res = collect(pipe, self.cfg.prompt(label), self.refs[label], image_indices=list(range(1, n)),
+                      z_star={0: curve["seeds"][0]}, **call)
         rest = optimised(res, trace=False)
         record = {k: curve["record"][k][:1] + v for k, v in rest["record"].items()}
         record["z_star_seconds"] = curve["record"]["seconds"] / self.cc.curve_images
@@ -205,9 +209,8 @@ class ClaimsRun:
 
     def _nao_seedselect(self, label, seed, n, s) -> dict:
         pipe = TracedNaoSeedSelect.from_components(self.comps)
-        enc = encode_references(pipe, self.refs[label], self.cache)
-        res = pipe(self.cfg.prompt(label), self.refs[label], enc, list(range(n)), self._base(seed), s,
-                   cache_dir=self.cache, progress=False)
+        res = collect(pipe, self.cfg.prompt(label), self.refs[label], n, seed=self._base(seed), settings=s,
+                      cache_dir=self.cache)
         return optimised(res, trace=True)
 
     def _dct(self, label, seed, n, s) -> dict:
@@ -219,7 +222,7 @@ class ClaimsRun:
         classifier = load_classifier(s.classifier, s.classifier_checkpoint, s.classifier_labels, device="cpu",
                                      for_guidance=True)
         token, _ = train_or_load_token(pipe, classifier, name, self.cache, s, progress=False)
-        out = pipe(name, token, self._int_seeds(seed, n), s)
+        out = pipe.generate_with_token(name, token, self._int_seeds(seed, n), s)
         rec = {k: v for k, v in token.record.items() if k in ("epochs", "stop_reason", "best_correct", "seconds")}
         return {"images": to_u8(out.images), "record": {"updates": [0] * n, "token": rec}}
 

@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> dict:
     train_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    pipe("three", token, list(range(args.images)), settings)
+    pipe.generate_with_token("three", token, list(range(args.images)), settings)
     gen_s = time.perf_counter() - start
     return {
         "device": "cpu", "threads": torch.get_num_threads(), "model": "tiny random SD (pipelines.testing)",

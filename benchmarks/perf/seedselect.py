@@ -56,7 +56,7 @@ def _setup(latent_size: int, threads: int):
     import torch
 
     torch.set_num_threads(threads)
-    from pipelines.components import ReferenceEncodings
+    from pipelines.references import ReferenceEncodings
     from pipelines.seedselect import SeedSelectPipeline
     from pipelines.testing import tiny_components
 
@@ -96,7 +96,8 @@ def _iteration(pipe, targets, settings, seed, saved: list | None = None):
 def _timing(args) -> dict:
     import torch
 
-    from pipelines.components import decode_latents, denoise, random_seeds
+    from pipelines.imaging import decode_latents
+    from pipelines.sampling import denoise, random_seeds
     from pipelines.seedselect import SeedSelectSettings
 
     pipe, targets = _setup(args.latent_size, args.threads)
@@ -140,7 +141,7 @@ def child(latent_size: int, threads: int, steps: int, checkpoint: bool) -> None:
     carries it over from the parent at fork, so a child of a big parent reports the parent's peak."""
     import torch
 
-    from pipelines.components import random_seeds
+    from pipelines.sampling import random_seeds
     from pipelines.seedselect import SeedSelectSettings
 
     pipe, targets = _setup(latent_size, threads)
@@ -176,7 +177,7 @@ def sd21_components(dtype, device):
     from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig,
                               CLIPVisionModelWithProjection)
 
-    from pipelines.components import Components
+    from pipelines.loading import Components
     from pipelines.testing import tiny_scheduler, tiny_tokenizer
 
     torch.manual_seed(0)
@@ -204,7 +205,9 @@ def _sd21(args) -> dict:
     """Seconds per iteration (per seed) and peak GPU memory of the reference and fast presets."""
     import torch
 
-    from pipelines.components import ReferenceEncodings, random_seeds, resolve_dtype
+    from pipelines.loading import resolve_dtype
+    from pipelines.references import ReferenceEncodings
+    from pipelines.sampling import random_seeds
     from pipelines.registry import get_method
     from pipelines.seedselect import SeedSelectPipeline
 
