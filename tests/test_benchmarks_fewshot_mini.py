@@ -20,6 +20,7 @@ from benchmarks.mini.data import build
 from pipelines.testing import save_tiny_image_encoder, save_tiny_pipeline
 
 METHODS = ("sd", "seedselect", "nao-seedselect", "dct")
+VARIANT = "seedselect-per-concept"
 TEST_CLASSES = ("two", "five")
 
 
@@ -44,7 +45,8 @@ def project(tmp_path_factory):
             "combined_table": str(root / "results" / "fewshot.md"), "progress": False,
             "seed": 0, "ways": 2, "shots": [1, 2], "queries": 3, "trials": 1, "val_episodes": 4, "test_episodes": 6,
             "backbone": {"name": "test_resnet", "image_size": 32, "epochs": 1, "batch_size": 16, "device": "cpu"},
-            "synthesis": {"methods": list(METHODS), "images_per_support": 2, "prompt_template": "{}",
+            "synthesis": {"methods": list(METHODS) + [VARIANT], "images_per_support": 2, "prompt_template": "{}",
+                          "variants": {VARIANT: {"method": "seedselect", "semantic_loss": "per_concept"}},
                           "settings": {"preset": "fast", "model": str(root / "mini" / "sd"),
                                        "image_encoder": str(root / "mini" / "clip"), "device": "cpu", "methods": {
                                            "sd": {"num_inference_steps": 2},
@@ -62,6 +64,25 @@ def project(tmp_path_factory):
         mini.main([stage, "--params", str(root / "params.yaml")])
     stages.main(["all", "--params", str(root / "params.yaml")])
     return root
+
+
+def test_seedselect_contrasts_the_test_classes_and_a_variant_does_not(project):
+    d = project / "fewshot" / "mini-digits"
+    manifest = read_manifest(d / "synthesis.csv")
+    records = {}
+    for path in (d / "generation-runs").glob("seedselect-*/*/seedselect-*-00000.json"):
+        rec = json.loads(path.read_text())
+        records.setdefault(rec["settings"]["semantic_loss"], []).append(rec)
+    # one contrast set per (shot, trial): both test classes, prompts as the method's template makes them
+    contrastive = records["contrastive"]
+    assert len(contrastive) == 2 * 2 and all(sorted(c["prompt"] for c in r["contrast_set"]) == sorted(TEST_CLASSES)
+                                             for r in contrastive)
+    assert len(records["per_concept"]) == 4 and all("contrast_set" not in r for r in records["per_concept"])
+    # same supports, seeds and budget; the loss alone differs, and so do the images
+    a = sorted(r.path for r in manifest if r.method == "seedselect")
+    b = sorted(r.path for r in manifest if r.method == VARIANT)
+    assert len(a) == len(b) == 8
+    assert any(Path(x).read_bytes() != Path(y).read_bytes() for x, y in zip(a, b))
 
 
 def _files(root: Path) -> dict:
@@ -82,7 +103,7 @@ def test_source_spec_goes_through_prepare_and_integrity(project):
 def test_accuracy_table_and_outputs(project):
     rows = read_accuracy_csv(project / "results" / "mini-digits" / "accuracy.csv")
     combos = {(r["method"], r["head"], r["shot"]) for r in rows}
-    expected = {(m, h, k) for m in ("real-only",) + METHODS for h in ("prototype", "linear") for k in (1, 2)}
+    expected = {(m, h, k) for m in ("real-only",) + METHODS + (VARIANT,) for h in ("prototype", "linear") for k in (1, 2)}
     # NAO-SeedSelect interpolates between >= 2 reference seeds: no 1-shot row rather than a fake one
     assert combos == expected - {("nao-seedselect", h, 1) for h in ("prototype", "linear")}
     assert all(r["episodes"] == 6 and 0 <= r["mean"] <= 1 for r in rows)

@@ -57,7 +57,10 @@ class SynthesisParams:
     methods: list[str] = field(default_factory=lambda: ["sd", "seedselect", "nao-seedselect"])
     images_per_support: int = 10      # M images per (method, class, shot, trial)
     prompt_template: str = "a photo of a {}"
-    settings: dict = field(default_factory=dict)   # passed to pipelines.generate_concept
+    settings: dict = field(default_factory=dict)   # passed to pipelines.generate_concepts
+    # extra methods: a pipeline method with overrides, e.g. {seedselect-per-concept: {method: seedselect,
+    # semantic_loss: per_concept}}; list their names in `methods` to synthesise and evaluate them
+    variants: dict[str, dict] = field(default_factory=dict)
     splits: list[str] = field(default_factory=lambda: ["test"])  # add "val" to select hyper-parameters with synthetic data
     grid_images: int = 16
 
@@ -163,12 +166,23 @@ def stage_synthesize(run: Run) -> None:
     supports = [s for s in sampling.read_supports(run.dir / "supports.csv") if s.split in run.p.synthesis.splits]
     refs_dir = run.dir / "references"
     data.export_images(run.ds, sorted({r for s in supports for r in s.rows}), refs_dir)
+    settings = {"cache_dir": str(run.dir / "generation-cache"), "work_dir": str(run.dir / "generation-runs"),
+                **run.p.synthesis.settings}
+
+    def resolved(name: str) -> tuple[str, dict]:
+        return synthesis.resolve_variant(name, run.p.synthesis.variants, settings)
+
+    def identity(name: str) -> dict:
+        method, s = resolved(name)
+        return synthesis.generation_identity(method, s) if method in synthesis.PIPELINE_METHODS else {"method": name}
+
     rows = synthesis.build_manifest(
         supports, run.p.methods, run.p.synthesis.images_per_support, run.dir / "synthetic",
-        ref_paths=lambda s: [refs_dir / f"{r:07d}.png" for r in s.rows], prompt_for=run.prompt, seed=run.p.seed)
+        ref_paths=lambda s: [refs_dir / f"{r:07d}.png" for r in s.rows], prompt_for=run.prompt, seed=run.p.seed,
+        identity=identity, refs_needed=lambda name: synthesis.min_refs(resolved(name)[0]))
     synthesis.write_manifest(rows, run.dir / "synthesis.csv")
-    settings = {"cache_dir": str(run.dir / "generation-cache"), **run.p.synthesis.settings}
-    report = synthesis.run_manifest(rows, resolve=lambda m: synthesis.get_generator(m, settings), progress=run.p.progress)
+    report = synthesis.run_manifest(rows, resolve=lambda name: synthesis.get_generator(*resolved(name)),
+                                    progress=run.p.progress)
     log.info("%s: %d images made, %d already there", run.spec.name, report.made, report.skipped)
     run.save_config("synthesize")
 

@@ -1,22 +1,35 @@
 """Synthetic support images: a manifest of every image to make, and a resumable worker.
 
-A *generator* is any callable ``fn(prompt, ref_paths, out_paths, seed)`` that writes one image to each
-of ``out_paths`` (deterministic in ``seed``). Generators are found by name: registered callables,
-``"module:function"`` import strings, or the generation methods of :mod:`pipelines` (``sd``,
-``seedselect``, ``nao-seedselect``, ``dct``) through ``pipelines.generate_concept``. The method
+The manifest has one row per image. Rows of one (method, shot, trial) form a *group*: the support
+sets of every class of the split at that shot and trial, i.e. one **contrast set** of classes. The
+generator is called once per group with all its classes, so SeedSelect and NAO-SeedSelect optimise
+the classes together with the paper's contrastive multi-class loss (and bootstrap resampling, in the
+``fast`` preset); plain SD and DCT treat the classes independently. The split's classes at a (shot,
+trial) rather than each episode's N-way set: episodes reuse a few support sets per class (that bounds
+generation cost), and an episode's classes are a subset of the split's, so every episode's classes
+were contrasted with each other.
+
+A *generator* is any callable ``fn(concepts, out_paths, seed)`` where ``concepts`` is a list of
+``(prompt, ref_paths)`` and ``out_paths[c]`` the images to write for concept c (deterministic in
+``seed``). One-concept callables ``fn(prompt, ref_paths, out_paths, seed)`` are wrapped by
+:func:`per_concept`. Generators are found by name: registered callables, ``"module:function"`` import
+strings (one-concept), or the generation methods of :mod:`pipelines` (``sd``, ``seedselect``,
+``nao-seedselect``, ``dct``) through :func:`pipelines.generate.generate_concepts`. The method
 ``real-only`` makes no images.
 
-The manifest has one row per image. Rows of one (method, class, shot, trial) form a *group*: the
-generator is called once per group (SeedSelect optimises one seed from the references, then renders
-``M`` images), into a scratch directory; each image is then renamed onto its final path, so a file
-under its final name is always complete. A rerun skips groups whose images all exist and only
-renames the missing images of a partly finished group."""
+Each image's path holds a key that hashes what made it (method, generation settings, seed and the
+group's classes, prompts and references), so changed settings never reuse old images. A group runs
+into a scratch directory; each image is then renamed onto its final path, so a file under its final
+name is always complete. A rerun skips groups whose images all exist."""
 from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import importlib
 import io
+import json
+import os
 import shutil
 import tempfile
 from dataclasses import astuple, dataclass, fields
@@ -32,7 +45,7 @@ from benchmarks.fewshot.sampling import SupportSet, key_seed, write_text_if_chan
 
 REAL_ONLY = "real-only"
 PIPELINE_METHODS = ("sd", "seedselect", "nao-seedselect", "dct")
-Generator = Callable[[str, list[Path], list[Path], int], None]
+Generator = Callable[[list[tuple[str, list[Path]]], list[list[Path]], int], None]
 _GENERATORS: dict[str, Generator] = {}
 
 
@@ -40,26 +53,75 @@ class SynthesisError(RuntimeError):
     """A generator failed or wrote no / an unreadable image; the message names the class and image."""
 
 
-def register_generator(name: str, fn: Generator, overwrite: bool = False) -> None:
+def per_concept(fn: Callable[[str, list[Path], list[Path], int], None]) -> Generator:
+    """A group generator from a one-concept generator ``fn(prompt, ref_paths, out_paths, seed)``: each
+    concept of a group is made independently, from the group's seed."""
+    def generate(concepts, out_paths, seed):
+        for (prompt, refs), outs in zip(concepts, out_paths):
+            fn(prompt, refs, outs, seed)
+
+    generate.__name__ = getattr(fn, "__name__", "generator")
+    generate.one_concept = fn
+    return generate
+
+
+def register_generator(name: str, fn: Generator, overwrite: bool = False, contrast: bool = False) -> None:
+    """Register ``fn`` under ``name``: a group generator (``contrast=True``) or a one-concept one."""
     if name == REAL_ONLY:
         raise ValueError(f"{REAL_ONLY!r} is reserved for 'no synthetic images'")
     if name in _GENERATORS and not overwrite:
         raise ValueError(f"generator {name!r} is already registered")
-    _GENERATORS[name] = fn
+    _GENERATORS[name] = fn if contrast else per_concept(fn)
 
 
-CALL_KEYS = ("preset", "model", "image_encoder", "device", "dtype", "cache_dir")
+CALL_KEYS = ("preset", "model", "image_encoder", "device", "dtype", "cache_dir", "work_dir")
+_SHARED_COMPONENTS: dict = {}
+
+
+def shared_components(model: str, image_encoder: str | None, device: str, dtype: str):
+    """One copy of the models per (model, device, dtype) for every method of a run; the image encoder is
+    added when the first method that needs it asks."""
+    from pipelines.loading import load_components
+
+    key = (str(model), device, dtype)
+    comps = _SHARED_COMPONENTS.get(key)
+    if comps is None:
+        comps = _SHARED_COMPONENTS[key] = load_components(model, image_encoder, device=device, dtype=dtype)
+    elif image_encoder is not None and comps.image_encoder is None:
+        extra = load_components(model, image_encoder, device=device, dtype=dtype)
+        comps.image_encoder, comps.image_processor = extra.image_encoder, extra.image_processor
+        comps.image_encoder_id = extra.image_encoder_id
+    return comps
+
+
+def generation_identity(method: str, settings: dict | None = None) -> dict:
+    """What decides a pipeline method's images besides its inputs: the resolved settings dataclass,
+    the preset and the model ids (JSON-able; hashed into every image path)."""
+    from pipelines.loading import DEFAULT_IMAGE_ENCODER_ID, DEFAULT_MODEL_ID
+    from pipelines.registry import get_method
+
+    settings = dict(settings or {})
+    m = get_method(method)
+    preset, device = settings.get("preset", "reference"), settings.get("device") or "cpu"
+    resolved = m.settings(preset, device, **((settings.get("methods") or {}).get(method) or {}))
+    if settings.get("dtype"):
+        resolved = dataclasses.replace(resolved, dtype=settings["dtype"])
+    return {"method": m.name, "preset": preset, "settings": dataclasses.asdict(resolved),
+            "model": str(settings.get("model") or DEFAULT_MODEL_ID),
+            "image_encoder": str(settings.get("image_encoder") or DEFAULT_IMAGE_ENCODER_ID)
+            if m.needs_image_encoder else None}
 
 
 def pipeline_generator(method: str, settings: dict | None = None) -> Generator:
-    """Adapter onto :func:`pipelines.generate.generate_concept`.
+    """Group generator onto :func:`pipelines.generate.generate_concepts` (one call per contrast set).
 
-    ``settings`` holds generate_concept's keyword arguments (``preset``, ``model``, ``image_encoder``,
-    ``device``, ``dtype``, ``cache_dir``) and ``methods: {method: {setting: value}}``, overrides of the
-    method's settings dataclass on top of the preset (e.g. ``prompt_template``, DCT's ``classifier``).
-    The models are loaded once per generator; the images generate_concept writes are moved, in order,
-    onto ``out_paths``. ``cache_dir`` should outlive the call, so that reference encodings, inversions
-    and DCT class tokens are computed once per class rather than once per support set."""
+    ``settings`` holds generate_concepts' keyword arguments (``preset``, ``model``, ``image_encoder``,
+    ``device``, ``dtype``, ``cache_dir``), ``work_dir`` (where each group's run folder stays, so an
+    interrupted group resumes image by image; default: a temporary folder) and ``methods: {method:
+    {setting: value}}``, overrides of the method's settings dataclass on top of the preset (e.g.
+    ``prompt_template``, DCT's ``classifier``). Models are loaded once and shared by every method of
+    the process; ``cache_dir`` should outlive the call, so that reference encodings, inversions and DCT
+    class tokens are computed once per class rather than once per support set."""
     from pipelines.registry import get_method
 
     settings = dict(settings or {})
@@ -69,36 +131,45 @@ def pipeline_generator(method: str, settings: dict | None = None) -> Generator:
         raise ValueError(f"unknown generation setting(s) {unknown}; expected some of {list(CALL_KEYS)} "
                          "and 'methods: {method: {setting: value}}'")
     m = get_method(method)
-    kwargs = {k: v for k, v in settings.items() if k != "cache_dir"}
-    preset, device = kwargs.get("preset", "reference"), kwargs.get("device")
-    cache_dir = settings.get("cache_dir")
-    state: dict = {}
+    preset, device, dtype = settings.get("preset", "reference"), settings.get("device"), settings.get("dtype")
+    identity = generation_identity(method, {**settings, "methods": per_method})
 
-    def generate(prompt: str, ref_paths: list[Path], out_paths: list[Path], seed: int) -> None:
-        from pipelines.components import DEFAULT_MODEL_ID, load_components
-        from pipelines.generate import default_device, generate_concept
+    def generate(concepts: list[tuple[str, list[Path]]], out_paths: list[list[Path]], seed: int) -> None:
+        from pipelines.generate import Concept, default_device, generate_concepts
 
         dev = device or default_device()
         method_settings = m.settings(preset, dev, **per_method.get(method, {}))
-        if kwargs.get("dtype"):
-            method_settings = dataclasses.replace(method_settings, dtype=kwargs["dtype"])
-        if "components" not in state:  # loaded once, reused by every support set
-            state["components"] = load_components(
-                kwargs.get("model", DEFAULT_MODEL_ID), kwargs.get("image_encoder") if m.needs_image_encoder else None,
-                device=dev, dtype=method_settings.dtype or "fp32")
-        with tempfile.TemporaryDirectory(dir=Path(out_paths[0]).parent, prefix=".gen-") as tmp:
-            records = generate_concept(
-                method, prompt, [str(p) for p in ref_paths], tmp, len(out_paths), method_settings, seed,
-                preset=preset, device=dev, components=state["components"],
-                cache_dir=cache_dir or Path(tmp) / "cache", progress=False,
-                **{k: v for k, v in kwargs.items() if k in ("model", "image_encoder")})
-            if len(records) < len(out_paths):
-                raise SynthesisError(f"{method}: asked for {len(out_paths)} images, got {len(records)}")
-            for record, out in zip(records, out_paths):
-                shutil.move(str(Path(tmp) / record["files"]["image"]), out)
+        if dtype:
+            method_settings = dataclasses.replace(method_settings, dtype=dtype)
+        comps = shared_components(identity["model"], identity["image_encoder"], dev, method_settings.dtype or "fp32")
+        key = hashlib.sha256(json.dumps([identity, seed, [[p, [str(r) for r in refs]] for p, refs in concepts]],
+                                        sort_keys=True).encode()).hexdigest()[:16]
+        with tempfile.TemporaryDirectory(prefix=".gen-") as tmp:
+            work = Path(settings["work_dir"]) / f"{m.name}-{key}" if settings.get("work_dir") else Path(tmp)
+            per_concept_records = generate_concepts(
+                method, [Concept(p, [str(r) for r in refs] or None) for p, refs in concepts], work,
+                max(len(o) for o in out_paths), method_settings, seed, preset=preset, device=dev, components=comps,
+                cache_dir=settings.get("cache_dir") or Path(tmp) / "cache", progress=False, concept_dirs=True)
+            for records, outs in zip(per_concept_records, out_paths):
+                for record, out in zip(records, outs):
+                    shutil.copyfile(record.path, out)
 
     generate.__name__ = f"pipelines:{method}"
     return generate
+
+
+def resolve_variant(name: str, variants: dict[str, dict], settings: dict) -> tuple[str, dict]:
+    """A variant (``name: {method: <pipeline method>, <setting>: <value>, ...}``) as its pipeline method
+    and the generation settings with its overrides; any other name as it is."""
+    if name not in variants:
+        return name, settings
+    spec = dict(variants[name])
+    base = spec.pop("method", None)
+    if base not in PIPELINE_METHODS:
+        raise ValueError(f"variant {name!r}: 'method' must be one of {list(PIPELINE_METHODS)}, got {base!r}")
+    methods = dict(settings.get("methods") or {})
+    methods[base] = {**(methods.get(base) or {}), **spec}
+    return base, {**settings, "methods": methods}
 
 
 def min_refs(method: str) -> int:
@@ -117,26 +188,27 @@ def get_generator(name: str, settings: dict | None = None) -> Generator:
         return pipeline_generator(name, settings)
     if ":" in name:
         module, attr = name.split(":", 1)
-        return getattr(importlib.import_module(module), attr)
+        return per_concept(getattr(importlib.import_module(module), attr))
     raise unknown_error("unknown generation method", name, sorted(_GENERATORS) + list(PIPELINE_METHODS))
 
 
 @dataclass(frozen=True)
 class SynthesisRow:
-    path: str          # deterministic: <root>/<method>/<class>/<shot>shot-t<trial>-<image>.png
+    path: str          # deterministic: <root>/<method>/<class>/<shot>shot-t<trial>-<key>-<image>.png
     method: str
     benchmark: str
     class_name: str
     shot: int
     trial: int
-    image: int         # position j of the image in its group (out_paths[j])
+    image: int         # position j of the image among its class's images in the group (out_paths[c][j])
     seed: int          # the group's seed, given to the generator
     prompt: str
     refs: str          # reference image paths, ';'-separated
 
     @property
-    def group(self) -> tuple[str, str, int, int]:
-        return (self.method, self.class_name, self.shot, self.trial)
+    def group(self) -> tuple[str, int, int, int]:
+        """The contrast set: the rows of every class made by one generator call."""
+        return (self.method, self.shot, self.trial, self.seed)
 
 
 FIELDS = [f.name for f in fields(SynthesisRow)]
@@ -148,23 +220,32 @@ def class_dir_name(class_name: str) -> str:
 
 def build_manifest(supports: Iterable[SupportSet], methods: Iterable[str], images_per_support: int,
                    out_root: str | Path, ref_paths: Callable[[SupportSet], list[Path]],
-                   prompt_for: Callable[[str], str], seed: int) -> list[SynthesisRow]:
-    """One row per image to make: every generating method x support set x ``images_per_support``."""
+                   prompt_for: Callable[[str], str], seed: int,
+                   identity: Callable[[str], dict] = lambda method: {"method": method},
+                   refs_needed: Callable[[str], int] = min_refs) -> list[SynthesisRow]:
+    """One row per image to make: every generating method x contrast set (the classes of a split at a
+    shot and trial) x class x ``images_per_support``. ``identity(method)`` is hashed into the paths
+    with the group's classes, prompts and references (:func:`generation_identity` for pipelines)."""
     out_root = Path(out_root)
+    supports = sorted(supports, key=lambda s: (s.split, s.shot, s.trial, s.class_name))
     rows = []
     for method in methods:
         if method == REAL_ONLY:
             continue
-        need = min_refs(method)
-        for s in supports:
-            if len(s.rows) < need:  # e.g. NAO at 1-shot: no path between seeds; reported as "–"
+        need, ident = refs_needed(method), identity(method)
+        for (split, shot, trial), group in groupby(supports, key=lambda s: (s.split, s.shot, s.trial)):
+            group = [s for s in group if len(s.rows) >= need]  # e.g. NAO at 1-shot: no path between seeds
+            if not group:
                 continue
-            refs = ";".join(str(p) for p in ref_paths(s))
-            group_seed = key_seed(seed, "synthesis", method, s.benchmark, s.class_name, s.shot, s.trial)
-            for j in range(images_per_support):
-                path = out_root / method / class_dir_name(s.class_name) / f"{s.shot}shot-t{s.trial}-{j:03d}.png"
-                rows.append(SynthesisRow(str(path), method, s.benchmark, s.class_name, s.shot, s.trial, j,
-                                         group_seed, prompt_for(s.class_name), refs))
+            benchmark = group[0].benchmark
+            members = [(s.class_name, prompt_for(s.class_name), [str(p) for p in ref_paths(s)]) for s in group]
+            group_seed = key_seed(seed, "synthesis", method, benchmark, split, shot, trial)
+            key = hashlib.sha256(json.dumps([ident, group_seed, members], sort_keys=True).encode()).hexdigest()[:10]
+            for s, (_, prompt, refs) in zip(group, members):
+                for j in range(images_per_support):
+                    path = out_root / method / class_dir_name(s.class_name) / f"{shot}shot-t{trial}-{key}-{j:03d}.png"
+                    rows.append(SynthesisRow(str(path), method, benchmark, s.class_name, shot, trial, j,
+                                             group_seed, prompt, ";".join(refs)))
     return rows
 
 
@@ -193,39 +274,49 @@ def run_manifest(rows: list[SynthesisRow], resolve: Callable[[str], Generator] =
                  progress: bool = True) -> SynthesisReport:
     """Make every image of ``rows`` that does not exist yet (see the module docstring)."""
     report = SynthesisReport()
-    groups = [list(g) for _, g in groupby(rows, key=lambda r: r.group)]
+    groups: dict[tuple, list[SynthesisRow]] = {}
+    for r in rows:
+        groups.setdefault(r.group, []).append(r)
     generators: dict[str, Generator] = {}
-    bar = tqdm(groups, desc="synthesis", unit="group", disable=not progress)
+    bar = tqdm(list(groups.values()), desc="synthesis", unit="group", disable=not progress)
     for group in bar:
         missing = [r for r in group if not Path(r.path).exists()]
         report.skipped += len(group) - len(missing)
         if not missing:
             continue
         first = group[0]
-        where = (f"method {first.method!r}, class {first.class_name!r}, {first.shot}-shot, trial {first.trial}")
-        bar.set_postfix_str(f"{first.method}/{first.class_name}")
+        classes = list(dict.fromkeys(r.class_name for r in group))
+        where = f"method {first.method!r}, {first.shot}-shot, trial {first.trial}, classes {classes}"
+        bar.set_postfix_str(f"{first.method} {first.shot}-shot t{first.trial}")
         if first.method not in generators:
             generators[first.method] = resolve(first.method)
-        refs = [Path(p) for p in first.refs.split(";") if p]
-        for ref in refs:
-            if not ref.is_file():
-                raise SynthesisError(f"{where}: reference image {ref} does not exist")
+        by_class = {c: sorted((r for r in group if r.class_name == c), key=lambda r: r.image) for c in classes}
+        concepts = []
+        for c in classes:
+            refs = [Path(p) for p in by_class[c][0].refs.split(";") if p]
+            for ref in refs:
+                if not ref.is_file():
+                    raise SynthesisError(f"{where}: reference image {ref} of class {c!r} does not exist")
+            concepts.append((by_class[c][0].prompt, refs))
         final = [Path(r.path) for r in group]
-        final[0].parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=final[0].parent, prefix=".synth-") as tmp:
-            scratch = [Path(tmp) / p.name for p in final]
+        for p in {f.parent for f in final}:
+            p.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=final[0].parents[2], prefix=".synth-") as tmp:
+            scratch = {r.path: Path(tmp) / f"{k:06d}.png" for k, r in enumerate(group)}
+            outs = [[scratch[r.path] for r in by_class[c]] for c in classes]
             try:
-                generators[first.method](first.prompt, refs, scratch, first.seed)
+                generators[first.method](concepts, outs, first.seed)
             except Exception as e:
-                raise SynthesisError(f"{where}: generator failed while making {missing[0].path}: {type(e).__name__}: {e}") from e
+                raise SynthesisError(f"{where}: generator failed while making {missing[0].path}: "
+                                     f"{type(e).__name__}: {e}") from e
             for r in missing:  # check the whole group before publishing any of it
                 try:
-                    with Image.open(Path(tmp) / Path(r.path).name) as im:
+                    with Image.open(scratch[r.path]) as im:
                         im.load()
                 except Exception as e:
                     raise SynthesisError(f"{where}: image {r.path} was not written or does not decode: {e}") from e
             for r in missing:
-                (Path(tmp) / Path(r.path).name).replace(r.path)
+                os.replace(scratch[r.path], r.path)
         report.made += len(missing)
         report.groups_run += 1
     return report
