@@ -47,7 +47,11 @@ class Concept:
 
 
 def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """``cuda`` (the process's own GPU, ``cuda:LOCAL_RANK``, under accelerate launch / torchrun) or ``cpu``."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    rank = os.environ.get("LOCAL_RANK")
+    return f"cuda:{int(rank) % torch.cuda.device_count()}" if rank is not None else "cuda"
 
 
 def run_name(method: str, config: dict) -> str:

@@ -31,6 +31,7 @@ from benchmarks.fewshot import classifiers as clf
 from benchmarks.fewshot import data, reports, sampling, synthesis
 from benchmarks.fewshot.registry import BenchmarkSpec, get_benchmark
 from benchmarks.params import load_section
+from benchmarks.worksharing import ClaimBoard
 from pipelines.io import write_json
 
 log = logging.getLogger("benchmarks.fewshot")
@@ -96,6 +97,9 @@ class FewShotParams:
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     combined_table: str = "results/fewshot.md"
     progress: bool = True
+    # prefix of the synthesize stage's command in dvc.yaml, e.g. "accelerate launch --multi_gpu
+    # --num_processes 8 --no_python" (processes share the manifest through claim files)
+    launcher: str = ""
 
     @property
     def methods(self) -> list[str]:
@@ -181,8 +185,9 @@ def stage_synthesize(run: Run) -> None:
         ref_paths=lambda s: [refs_dir / f"{r:07d}.png" for r in s.rows], prompt_for=run.prompt, seed=run.p.seed,
         identity=identity, refs_needed=lambda name: synthesis.min_refs(resolved(name)[0]))
     synthesis.write_manifest(rows, run.dir / "synthesis.csv")
+    # claims let any number of processes (accelerate launch, torchrun, Slurm tasks) share the manifest
     report = synthesis.run_manifest(rows, resolve=lambda name: synthesis.get_generator(*resolved(name)),
-                                    progress=run.p.progress)
+                                    progress=run.p.progress, board=ClaimBoard(run.dir / "synthesis-claims"))
     log.info("%s: %d images made, %d already there", run.spec.name, report.made, report.skipped)
     run.save_config("synthesize")
 

@@ -23,6 +23,7 @@ into a scratch directory; each image is then renamed onto its final path, so a f
 name is always complete. A rerun skips groups whose images all exist."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -32,6 +33,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import astuple, dataclass, fields
 from itertools import groupby
 from pathlib import Path
@@ -42,6 +44,7 @@ from tqdm.auto import tqdm
 
 from benchmarks.fewshot.registry import unknown_error
 from benchmarks.fewshot.sampling import SupportSet, key_seed, write_text_if_changed
+from benchmarks.worksharing import ClaimBoard
 
 REAL_ONLY = "real-only"
 PIPELINE_METHODS = ("sd", "seedselect", "nao-seedselect", "dct")
@@ -218,6 +221,12 @@ def class_dir_name(class_name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in class_name)
 
 
+def _file_digest(path: str) -> str:
+    """Content hash of a reference image (missing: its path, and run_manifest names it as missing)."""
+    p = Path(path)
+    return hashlib.sha256(p.read_bytes()).hexdigest()[:16] if p.is_file() else str(path)
+
+
 def build_manifest(supports: Iterable[SupportSet], methods: Iterable[str], images_per_support: int,
                    out_root: str | Path, ref_paths: Callable[[SupportSet], list[Path]],
                    prompt_for: Callable[[str], str], seed: int,
@@ -225,7 +234,8 @@ def build_manifest(supports: Iterable[SupportSet], methods: Iterable[str], image
                    refs_needed: Callable[[str], int] = min_refs) -> list[SynthesisRow]:
     """One row per image to make: every generating method x contrast set (the classes of a split at a
     shot and trial) x class x ``images_per_support``. ``identity(method)`` is hashed into the paths
-    with the group's classes, prompts and references (:func:`generation_identity` for pipelines)."""
+    with the group's seed, classes, prompts and reference contents (:func:`generation_identity` for
+    pipelines), so the same inputs give the same names in any data folder."""
     out_root = Path(out_root)
     supports = sorted(supports, key=lambda s: (s.split, s.shot, s.trial, s.class_name))
     rows = []
@@ -240,7 +250,8 @@ def build_manifest(supports: Iterable[SupportSet], methods: Iterable[str], image
             benchmark = group[0].benchmark
             members = [(s.class_name, prompt_for(s.class_name), [str(p) for p in ref_paths(s)]) for s in group]
             group_seed = key_seed(seed, "synthesis", method, benchmark, split, shot, trial)
-            key = hashlib.sha256(json.dumps([ident, group_seed, members], sort_keys=True).encode()).hexdigest()[:10]
+            content = [(c, prompt, [_file_digest(r) for r in refs]) for c, prompt, refs in members]
+            key = hashlib.sha256(json.dumps([ident, group_seed, content], sort_keys=True).encode()).hexdigest()[:10]
             for s, (_, prompt, refs) in zip(group, members):
                 for j in range(images_per_support):
                     path = out_root / method / class_dir_name(s.class_name) / f"{shot}shot-t{trial}-{key}-{j:03d}.png"
@@ -271,55 +282,83 @@ class SynthesisReport:
 
 
 def run_manifest(rows: list[SynthesisRow], resolve: Callable[[str], Generator] = get_generator,
-                 progress: bool = True) -> SynthesisReport:
-    """Make every image of ``rows`` that does not exist yet (see the module docstring)."""
+                 progress: bool = True, board: ClaimBoard | None = None, poll_s: float = 2.0) -> SynthesisReport:
+    """Make every image of ``rows`` that does not exist yet (see the module docstring).
+
+    With a ``board`` any number of processes share the manifest: each claims a group before making
+    it, skips groups other processes hold, and returns once every group is finished (taking over the
+    groups of processes that died)."""
     report = SynthesisReport()
     groups: dict[tuple, list[SynthesisRow]] = {}
     for r in rows:
         groups.setdefault(r.group, []).append(r)
     generators: dict[str, Generator] = {}
-    bar = tqdm(list(groups.values()), desc="synthesis", unit="group", disable=not progress)
-    for group in bar:
-        missing = [r for r in group if not Path(r.path).exists()]
-        report.skipped += len(group) - len(missing)
-        if not missing:
-            continue
-        first = group[0]
-        classes = list(dict.fromkeys(r.class_name for r in group))
-        where = f"method {first.method!r}, {first.shot}-shot, trial {first.trial}, classes {classes}"
-        bar.set_postfix_str(f"{first.method} {first.shot}-shot t{first.trial}")
-        if first.method not in generators:
-            generators[first.method] = resolve(first.method)
-        by_class = {c: sorted((r for r in group if r.class_name == c), key=lambda r: r.image) for c in classes}
-        concepts = []
-        for c in classes:
-            refs = [Path(p) for p in by_class[c][0].refs.split(";") if p]
-            for ref in refs:
-                if not ref.is_file():
-                    raise SynthesisError(f"{where}: reference image {ref} of class {c!r} does not exist")
-            concepts.append((by_class[c][0].prompt, refs))
-        final = [Path(r.path) for r in group]
-        for p in {f.parent for f in final}:
-            p.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=final[0].parents[2], prefix=".synth-") as tmp:
-            scratch = {r.path: Path(tmp) / f"{k:06d}.png" for k, r in enumerate(group)}
-            outs = [[scratch[r.path] for r in by_class[c]] for c in classes]
-            try:
-                generators[first.method](concepts, outs, first.seed)
-            except Exception as e:
-                raise SynthesisError(f"{where}: generator failed while making {missing[0].path}: "
-                                     f"{type(e).__name__}: {e}") from e
-            for r in missing:  # check the whole group before publishing any of it
-                try:
-                    with Image.open(scratch[r.path]) as im:
-                        im.load()
-                except Exception as e:
-                    raise SynthesisError(f"{where}: image {r.path} was not written or does not decode: {e}") from e
-            for r in missing:
-                os.replace(scratch[r.path], r.path)
-        report.made += len(missing)
-        report.groups_run += 1
+    bar = tqdm(total=len(groups), desc="synthesis", unit="group", disable=not progress)
+    pending = dict(groups)
+    while pending:
+        progressed = False
+        for gkey, group in list(pending.items()):
+            missing = [r for r in group if not Path(r.path).exists()]
+            if not missing:
+                report.skipped += len(group)
+                del pending[gkey]
+                bar.update(1)
+                continue
+            claim = hashlib.sha256(repr(gkey).encode()).hexdigest()[:20]
+            if board is not None and not board.try_claim(claim):
+                continue  # another process makes it; come back to it at the end
+            with board.holding(claim) if board is not None else contextlib.nullcontext():
+                missing = [r for r in group if not Path(r.path).exists()]
+                report.skipped += len(group) - len(missing)
+                if missing:
+                    _run_group(group, missing, generators, resolve, bar)
+                    report.made += len(missing)
+                    report.groups_run += 1
+            del pending[gkey]
+            bar.update(1)
+            progressed = True
+        if pending and not progressed:
+            time.sleep(poll_s)
+    bar.close()
     return report
+
+
+def _run_group(group: list[SynthesisRow], missing: list[SynthesisRow], generators: dict,
+               resolve: Callable[[str], Generator], bar) -> None:
+    """One generator call for a contrast set, into scratch files; published only once all decode."""
+    first = group[0]
+    classes = list(dict.fromkeys(r.class_name for r in group))
+    where = f"method {first.method!r}, {first.shot}-shot, trial {first.trial}, classes {classes}"
+    bar.set_postfix_str(f"{first.method} {first.shot}-shot t{first.trial}")
+    if first.method not in generators:
+        generators[first.method] = resolve(first.method)
+    by_class = {c: sorted((r for r in group if r.class_name == c), key=lambda r: r.image) for c in classes}
+    concepts = []
+    for c in classes:
+        refs = [Path(p) for p in by_class[c][0].refs.split(";") if p]
+        for ref in refs:
+            if not ref.is_file():
+                raise SynthesisError(f"{where}: reference image {ref} of class {c!r} does not exist")
+        concepts.append((by_class[c][0].prompt, refs))
+    final = [Path(r.path) for r in group]
+    for p in {f.parent for f in final}:
+        p.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=final[0].parents[2], prefix=".synth-") as tmp:
+        scratch = {r.path: Path(tmp) / f"{k:06d}.png" for k, r in enumerate(group)}
+        outs = [[scratch[r.path] for r in by_class[c]] for c in classes]
+        try:
+            generators[first.method](concepts, outs, first.seed)
+        except Exception as e:
+            raise SynthesisError(f"{where}: generator failed while making {missing[0].path}: "
+                                 f"{type(e).__name__}: {e}") from e
+        for r in missing:  # check the whole group before publishing any of it
+            try:
+                with Image.open(scratch[r.path]) as im:
+                    im.load()
+            except Exception as e:
+                raise SynthesisError(f"{where}: image {r.path} was not written or does not decode: {e}") from e
+        for r in missing:
+            os.replace(scratch[r.path], r.path)
 
 
 def images_by_support(rows: Iterable[SynthesisRow], method: str) -> dict[tuple[str, int, int], list[str]]:
