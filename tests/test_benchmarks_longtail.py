@@ -178,6 +178,27 @@ def test_data_stage_selects_listed_images_by_file_name(fixture, tmp_path, as_tar
     assert (out / "integrity.json").stat().st_mtime_ns == stamp
 
 
+def test_places_images_are_found_by_class_folder_and_file_name(tmp_path):
+    """Places365 train files are numbered per class (00000001.jpg in every class): the class folder
+    decides, also when data_256 nests a sub-category (arena/hockey = arena-hockey)."""
+    spec = get_benchmark("places-lt")
+    assert data.entry_key(spec, "train/arena-hockey/00000001.jpg") == "arena-hockey/00000001.jpg"
+    assert data.entry_key(spec, "val/airfield/Places365_val_00003597.jpg") == "Places365_val_00003597.jpg"
+    assert "arena-hockey/00000001.jpg" in data.source_keys(spec, ["data_256", "a", "arena", "hockey", "00000001.jpg"])
+    assert data.source_keys(spec, ["val_256", "Places365_val_00003597.jpg"]) == ["Places365_val_00003597.jpg"]
+    entries = {"train": [("train/arena-hockey/00000001.jpg", 0), ("train/airfield/00000001.jpg", 1)],
+               "val": [], "test": [("val/airfield/Places365_val_00003597.jpg", 1)]}
+    for rel in ("data_256/a/arena/hockey/00000001.jpg", "data_256/a/airfield/00000001.jpg",
+                "data_256/a/airfield/00000002.jpg", "val_256/Places365_val_00003597.jpg"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(rel.encode())
+    found = data.find_images(spec, entries, tmp_path, tmp_path / "extracted", progress=False)
+    assert {k: v.read_text() for k, v in found.items()} == {
+        "arena-hockey/00000001.jpg": "data_256/a/arena/hockey/00000001.jpg",
+        "airfield/00000001.jpg": "data_256/a/airfield/00000001.jpg",
+        "Places365_val_00003597.jpg": "val_256/Places365_val_00003597.jpg"}
+
+
 def test_a_missing_image_is_an_error_that_names_it(fixture, tmp_path):
     spec, lists, _ = fixture
     root = _write_tree(tmp_path / "ILSVRC2012", lists)
@@ -216,6 +237,21 @@ def test_cli_reports_bad_input_in_one_line_with_exit_2(fixture, tmp_path, capsys
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith(f"error: {bad}:") and "sha256" in err
+
+
+def test_gpu_profiles_parse_into_the_typed_params():
+    """Unknown or misspelt keys are errors; the benchmarks and data layout are the stated ones."""
+    from pathlib import Path
+
+    from benchmarks.params import load_section
+
+    repo = Path(__file__).parents[1]
+    for name in ("imagenet-lt", "places-lt"):
+        p = load_section(stages.LongTailParams, "longtail", repo / "profiles" / name / "params.yaml")
+        assert p.benchmarks == [name] and name in p.image_roots and len(p.seeds) >= 3
+        assert set(p.losses) == set(training.LOSSES)
+        dvc = yaml.safe_load((repo / "profiles" / name / "dvc.yaml").read_text())
+        assert all(f"profiles/{name}/params.yaml" in st["cmd"] for st in dvc["stages"].values())
 
 
 # --- evaluation ----------------------------------------------------------------------------------
@@ -268,6 +304,41 @@ def test_logit_adjusted_loss_matches_its_formula():
     assert training.logit_adjusted_loss(tail, torch.tensor([4]), counts) > F.cross_entropy(tail, torch.tensor([4]))
     with pytest.raises(ValueError, match="class 2 has none"):
         training.logit_adjusted_loss(logits, y, torch.tensor([5.0, 3.0, 0.0, 1.0, 1.0]))
+
+
+def test_an_interrupted_training_run_resumes_to_the_same_model(tmp_path, monkeypatch):
+    paths = []
+    for k in range(12):
+        paths.append(tmp_path / f"{k}.jpg")
+        paths[-1].write_bytes(_jpeg(k % 3, k))
+    labels = np.arange(12) % 3
+    cfg = training.TrainConfig(model="test_resnet", image_size=12, epochs=2, batch_size=4, lr=0.05, amp=False,
+                               num_workers=0, device="cpu")
+    torch.set_num_threads(1)
+    whole = training.train_classifier(paths, labels, 3, cfg, "logit-adjusted", seed=3, progress=False).state_dict()
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_first_epoch(iterable, **_):
+        class Bar:
+            def __iter__(self):
+                yield next(iter(iterable))
+                raise Interrupted
+
+            def set_postfix(self, **_):
+                pass
+        return Bar()
+
+    state = tmp_path / "state.pt"
+    with monkeypatch.context() as m:
+        m.setattr(training, "tqdm", stop_after_first_epoch)
+        with pytest.raises(Interrupted):
+            training.train_classifier(paths, labels, 3, cfg, "logit-adjusted", seed=3, state_path=state, progress=False)
+    assert torch.load(state, weights_only=True)["epoch"] == 1
+    resumed = training.train_classifier(paths, labels, 3, cfg, "logit-adjusted", seed=3, state_path=state,
+                                        progress=False).state_dict()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
 
 
 # --- extra images and the synthesis rule ---------------------------------------------------------

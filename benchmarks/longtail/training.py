@@ -175,7 +175,7 @@ def train_classifier(paths: Sequence[str], labels: np.ndarray, num_classes: int,
     sched = _schedule(opt, cfg, len(loader))
     start = 0
     if state_path is not None and Path(state_path).is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
