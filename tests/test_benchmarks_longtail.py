@@ -354,6 +354,16 @@ def test_synthesis_plan_selects_medium_and_few_classes():
         synthesis.synthesis_plan(counts, groups=("medum",), images_per_class=5)
 
 
+def test_reference_images_come_from_the_training_split_and_are_keyed_per_class():
+    train = data.Split(tuple(f"train/{i}.jpg" for i in range(30)), np.arange(30) % 3)
+    refs = synthesis.reference_images(train, ["a", "b", "c"], ["b", "c"], per_class=4, seed=0, benchmark="x")
+    assert set(refs) == {"b", "c"} and all(len(v) == 4 for v in refs.values())
+    assert all(int(p.split("/")[1].split(".")[0]) % 3 == 1 for p in refs["b"])
+    assert synthesis.reference_images(train, ["a", "b", "c"], ["c"], 4, 0, "x")["c"] == refs["c"]  # b's draw is not c's
+    assert synthesis.reference_images(train, ["a", "b", "c"], ["c"], 4, 1, "x")["c"] != refs["c"]
+    assert len(synthesis.reference_images(train, ["a", "b", "c"], ["a"], 50, 0, "x")["a"]) == 10  # all it has
+
+
 def test_extra_images_join_the_training_set_under_their_class(tmp_path):
     for c, n in (("b", 2), ("c", 1)):
         (tmp_path / "gen" / c).mkdir(parents=True)

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from benchmarks.fewshot.registry import unknown_error
-from benchmarks.longtail.data import IMAGE_SUFFIXES
+from benchmarks.fewshot.sampling import key_rng
+from benchmarks.longtail.data import IMAGE_SUFFIXES, Split
 from benchmarks.longtail.evaluation import GROUPS, shot_group
 from benchmarks.longtail.registry import FEW_SHOT_THRESHOLD, MANY_SHOT_THRESHOLD
 
@@ -36,6 +37,22 @@ def synthesis_plan(train_counts: Mapping[str, int], groups: Sequence[str] = ("me
         if k:
             plan[c] = k
     return plan
+
+
+def reference_images(train: Split, classes: Sequence[str], wanted: Sequence[str], per_class: int, seed: int,
+                     benchmark: str) -> dict[str, list[str]]:
+    """Up to ``per_class`` reference images for each class in ``wanted``, drawn from that class's
+    images in the **training** split only (val and test never condition a generator), each class from
+    its own generator keyed by (seed, benchmark, class) so adding a class changes no other's draw."""
+    position = {c: i for i, c in enumerate(classes)}
+    out = {}
+    for c in wanted:
+        if c not in position:
+            raise unknown_error("reference images for an unknown class: no class", c, classes)
+        rows = [i for i, y in enumerate(train.labels) if y == position[c]]
+        take = key_rng(seed, "references", benchmark, c).choice(len(rows), size=min(per_class, len(rows)), replace=False)
+        out[c] = [train.paths[rows[int(k)]] for k in sorted(take)]
+    return out
 
 
 def images_in_folder(folder: str | Path, classes: Sequence[str]) -> dict[str, list[Path]]:
