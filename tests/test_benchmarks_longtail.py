@@ -206,6 +206,10 @@ def test_a_missing_image_is_an_error_that_names_it(fixture, tmp_path):
     with pytest.raises(data.MissingImageError, match=r"image val/n01443537/ILSVRC2012_val_00000297.JPEG \(test list\) not found"):
         data.prepare(spec, root, tmp_path / "prepared", progress=False)
     assert not (tmp_path / "prepared").exists()
+    (root / "val" / "ILSVRC2012_val_00000297.JPEG").write_bytes(_jpeg(1, 0)[:30])  # back, but truncated
+    with pytest.raises(data.DatasetIntegrityError, match=r"1 images do not decode, e.g. .*ILSVRC2012_val_00000297.JPEG"):
+        data.prepare(spec, root, tmp_path / "prepared", progress=False)
+    assert not (tmp_path / "prepared").exists()
 
 
 def test_wrong_checksum_train_list_is_refused(fixture, tmp_path):
