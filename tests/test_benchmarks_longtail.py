@@ -173,6 +173,8 @@ def test_data_stage_selects_listed_images_by_file_name(fixture, tmp_path, as_tar
     with Image.open(splits["test"].paths[0]) as im:
         assert im.size == (12, 12)
     assert (tmp_path / "D" / "images").is_dir() == as_tars  # tars are extracted, folders are read in place
+    record = json.loads((out / "integrity.json").read_text())
+    assert record["spec"]["lists"]["train"]["sha256"] == spec.lists["train"].sha256 and record["images"]["train"] == sum(TRAIN)
     stamp = (out / "integrity.json").stat().st_mtime_ns
     data.prepare(spec, tmp_path / "nowhere", out)  # done: returns before looking for images
     assert (out / "integrity.json").stat().st_mtime_ns == stamp
@@ -256,6 +258,10 @@ def test_gpu_profiles_parse_into_the_typed_params():
         assert set(p.losses) == set(training.LOSSES)
         dvc = yaml.safe_load((repo / "profiles" / name / "dvc.yaml").read_text())
         assert all(f"profiles/{name}/params.yaml" in st["cmd"] for st in dvc["stages"].values())
+    with pytest.raises(ValueError, match="at least 3 distinct"):
+        stages.LongTailParams(seeds=[0, 1])
+    with pytest.raises(KeyError, match="did you mean 'logit-adjusted'"):
+        stages.LongTailParams(losses=["logit-adjust"])
 
 
 # --- evaluation ----------------------------------------------------------------------------------

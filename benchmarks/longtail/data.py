@@ -304,10 +304,8 @@ def prepare(spec: LongTailSpec, image_root: str | Path, out_dir: str | Path, cac
         for rel, label in entries[split]:
             w.writerow([str(found[entry_key(spec, rel)].resolve()), label, spec.classes[label]])
         write_text(tmp / f"{split}.csv", buf.getvalue())
-    write_json(tmp / INTEGRITY_FILE, {"benchmark": spec.name, "image_root": str(image_root),
-                                      "images": {s: len(entries[s]) for s in SPLITS},
-                                      "lists_sha256": {s: spec.lists[s].sha256 for s in SPLITS},
-                                      "images_decoded": check_images})
+    write_json(tmp / INTEGRITY_FILE, {"benchmark": spec.name, "image_root": str(image_root), "spec": spec.to_json(),
+                                      "images": {s: len(entries[s]) for s in SPLITS}, "images_decoded": check_images})
     if out_dir.exists():  # an earlier attempt without its integrity record
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)

@@ -62,8 +62,8 @@ class LongTailParams:
         for loss in self.losses:
             if loss not in training.LOSSES:
                 raise unknown_error("unknown loss", loss, training.LOSSES)
-        if len(self.seeds) < 2 or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds must be at least 2 distinct values (a CI over seeds), got {self.seeds}")
+        if len(self.seeds) < 3 or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be at least 3 distinct values (the interval is over seeds), got {self.seeds}")
         if REAL_ONLY in self.extra_images:
             raise ValueError(f"extra_images: {REAL_ONLY!r} is the method without extra images")
 
