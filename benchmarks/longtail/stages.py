@@ -1,0 +1,242 @@
+"""The long-tail benchmark as DVC stages: data -> train -> evaluate -> report.
+
+``python -m benchmarks.longtail <stage> --params params.yaml [--section longtail] [--benchmark NAME]``.
+Each stage reads its settings from one params.yaml section (:class:`LongTailParams`), works per
+benchmark, writes its artifacts atomically under names that encode what made them and skips
+finished work.
+
+Methods: ``real`` (the long-tailed training set alone) and every key of ``extra_images`` (the real
+set plus the images in ``<folder>/<class>/``). Each method is trained with every loss and every seed;
+each (method, loss, seed) is a classifier trained from scratch. The logit-adjusted loss's tau is
+chosen from ``tau`` by overall top-1 on the validation split of the first seed's classifiers (the
+test split never chooses anything); the chosen tau then trains the other seeds.
+
+Layout (``D = <data_dir>/<benchmark>``, ``R = <results_dir>/<benchmark>``)::
+
+    D/lists/, D/images/, D/prepared/{train,val,test}.csv        downloaded train list, images extracted from tars (data)
+    D/runs/<method>-<loss>[-tau<t>]-<recipe>/seed<k>/             model, predictions, resolved config           (train)
+    R/accuracy.csv, R/per_class.csv, R/hparams.json                                                            (evaluate)
+    R/accuracy.md, R/metrics.json, R/per_class_accuracy.png                                                    (report)
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.fewshot.registry import UnknownNameError, unknown_error
+from benchmarks.longtail import data, evaluation, reports, synthesis, training
+from benchmarks.longtail.registry import SPLITS, LongTailSpec, get_benchmark, with_train_list
+from benchmarks.params import load_section
+from pipelines.io import atomic_path, save_tensors, write_json
+
+log = logging.getLogger("benchmarks.longtail")
+STAGES = ("data", "train", "evaluate", "report")
+REAL_ONLY = "real"
+# settings that change how fast a run goes, not what it learns
+_NOT_RECIPE = ("num_workers", "eval_batch_size", "device")
+
+
+@dataclass
+class LongTailParams:
+    benchmarks: list[str] = field(default_factory=lambda: ["imagenet-lt"])
+    image_roots: dict[str, str] = field(default_factory=dict)   # benchmark -> local copy of its source images
+    train_lists: dict[str, str] = field(default_factory=dict)   # benchmark -> local copy of its train list (else the spec's)
+    data_dir: str = "data/longtail"
+    results_dir: str = "results"
+    check_images: bool = True          # decode every listed image once in the data stage
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    losses: list[str] = field(default_factory=lambda: ["ce", "logit-adjusted"])
+    tau: list[float] = field(default_factory=lambda: [1.0])     # logit-adjusted loss; > 1 value: chosen on val
+    extra_images: dict[str, str] = field(default_factory=dict)  # method -> folder of <class>/<image> files
+    train: training.TrainConfig = field(default_factory=training.TrainConfig)
+    progress: bool = True
+
+    def __post_init__(self):
+        for loss in self.losses:
+            if loss not in training.LOSSES:
+                raise unknown_error("unknown loss", loss, training.LOSSES)
+        if len(self.seeds) < 3 or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be at least 3 distinct values (the interval is over seeds), got {self.seeds}")
+        if REAL_ONLY in self.extra_images:
+            raise ValueError(f"extra_images: {REAL_ONLY!r} is the method without extra images")
+
+    @property
+    def methods(self) -> list[str]:
+        return [REAL_ONLY] + sorted(self.extra_images)
+
+
+class Run:
+    """Paths and lazily loaded state of one benchmark under one parameter set."""
+
+    def __init__(self, p: LongTailParams, benchmark: str):
+        self.p = p
+        self.spec: LongTailSpec = with_train_list(get_benchmark(benchmark), p.train_lists.get(benchmark))
+        self.dir = Path(p.data_dir) / self.spec.name
+        self.results = Path(p.results_dir) / self.spec.name
+        self._splits = None
+
+    @property
+    def splits(self) -> dict[str, data.Split]:
+        if self._splits is None:
+            self._splits = data.load_prepared(self.spec, self.dir / "prepared")
+        return self._splits
+
+    @property
+    def train_counts(self) -> np.ndarray:
+        return data.class_counts(self.splits["train"], len(self.spec.classes))
+
+    def taus(self, loss: str) -> list[float]:
+        return list(self.p.tau) if loss == "logit-adjusted" else [0.0]
+
+    def extra(self, method: str) -> dict[str, list[Path]] | None:
+        if method == REAL_ONLY:
+            return None
+        return synthesis.images_in_folder(self.p.extra_images[method], self.spec.classes)
+
+    def run_dir(self, method: str, loss: str, tau: float, extra) -> Path:
+        recipe = {k: v for k, v in dataclasses.asdict(self.p.train).items() if k not in _NOT_RECIPE}
+        recipe.update(loss=loss, tau=tau, lists={s: self.spec.lists[s].sha256 for s in SPLITS},
+                      extra=sorted((c, [p.name for p in ps]) for c, ps in (extra or {}).items()))
+        digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
+        return self.dir / "runs" / f"{method}-{loss}{f'-tau{tau:g}' if loss == 'logit-adjusted' else ''}-{digest}"
+
+
+# --- stages --------------------------------------------------------------------------------------
+
+def stage_data(run: Run) -> None:
+    root = run.p.image_roots.get(run.spec.name)
+    if root is None:
+        raise ValueError(f"image_roots has no entry for {run.spec.name!r}: give the folder holding its source images")
+    data.prepare(run.spec, root, run.dir / "prepared", cache_dir=run.dir / "lists", check_images=run.p.check_images,
+                 progress=run.p.progress)
+
+
+def _train_one(run: Run, out: Path, paths, labels, loss: str, tau: float, seed: int) -> dict[str, np.ndarray]:
+    """Predictions on val and test of the classifier (method, loss, tau, seed); trains it unless done."""
+    preds_path = out / f"seed{seed}" / "predictions.npz"
+    if not preds_path.is_file():
+        cfg = run.p.train
+        model = training.train_classifier(paths, labels, len(run.spec.classes), cfg, loss, seed, tau,
+                                          state_path=out / f"seed{seed}" / "state.pt", progress=run.p.progress)
+        save_tensors(out / f"seed{seed}" / "model.safetensors", dict(model.state_dict()),
+                     metadata={"model": cfg.model, "num_classes": str(len(run.spec.classes))})
+        preds = {s: training.predict(model, run.splits[s].paths, cfg, run.p.progress) for s in ("val", "test")}
+        write_json(out / f"seed{seed}" / "config.json",
+                   {"benchmark": run.spec.name, "loss": loss, "tau": tau, "seed": seed, "train": dataclasses.asdict(cfg),
+                    "train_images": len(paths), "real_train_images": len(run.splits["train"].paths)})
+        with atomic_path(preds_path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **preds)
+        (out / f"seed{seed}" / "state.pt").unlink(missing_ok=True)  # the finished model replaces the resume point
+    with np.load(preds_path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _selection(run: Run, loss: str, val_preds: dict[float, np.ndarray]) -> tuple[float, list[dict]]:
+    """The tau with the best overall top-1 on the validation split (first of equals)."""
+    table = [{"tau": t, "val_overall": float((val_preds[t] == run.splits["val"].labels).mean())} for t in run.taus(loss)]
+    best = max(table, key=lambda r: r["val_overall"])["tau"]
+    return best, table
+
+
+def _method_loss(run: Run, method: str, loss: str, train: bool) -> tuple[float, list[dict], dict[int, dict]]:
+    """(chosen tau, validation table, predictions per seed) of one method and loss, training what is
+    missing if ``train`` (else a missing run is an error)."""
+    extra = run.extra(method)
+    real = run.splits["train"]
+    paths, labels = training.training_items(real.paths, real.labels, run.spec.classes, extra)
+
+    def preds(tau: float, seed: int) -> dict[str, np.ndarray]:
+        out = run.run_dir(method, loss, tau, extra)
+        if not train and not (out / f"seed{seed}" / "predictions.npz").is_file():
+            raise FileNotFoundError(f"{out}/seed{seed}: no predictions; run the train stage")
+        return _train_one(run, out, paths, labels, loss, tau, seed)
+
+    first = run.p.seeds[0]
+    taus = run.taus(loss)
+    val = {t: preds(t, first)["val"] for t in taus}
+    tau, table = _selection(run, loss, val)
+    return tau, table, {s: preds(tau, s) for s in run.p.seeds}
+
+
+def stage_train(run: Run) -> None:
+    for method in run.p.methods:
+        for loss in run.p.losses:
+            tau, _, _ = _method_loss(run, method, loss, train=True)
+            log.info("%s: %s / %s trained (tau %g), seeds %s", run.spec.name, method, loss, tau, run.p.seeds)
+
+
+def stage_evaluate(run: Run) -> None:
+    spec, test = run.spec, run.splits["test"]
+    counts = run.train_counts
+    groups = evaluation.shot_groups(counts, spec.many_shot_threshold, spec.few_shot_threshold)
+    rows, class_rows, hparams = [], [], {}
+    for method in run.p.methods:
+        for loss in run.p.losses:
+            tau, table, preds = _method_loss(run, method, loss, train=False)
+            per_seed = {s: evaluation.shot_accuracies(preds[s]["test"], test.labels, counts, spec.many_shot_threshold,
+                                                      spec.few_shot_threshold) for s in run.p.seeds}
+            summary = evaluation.summarise(per_seed)
+            rows += reports.accuracy_rows(spec.name, method, loss, summary)
+            per_class = np.mean([evaluation.per_class_accuracy(preds[s]["test"], test.labels, len(spec.classes))
+                                 for s in run.p.seeds], axis=0)
+            class_rows += [{"benchmark": spec.name, "method": method, "loss": loss, "class_name": c,
+                            "train_images": int(counts[i]), "group": groups[i], "accuracy": float(per_class[i])}
+                           for i, c in enumerate(spec.classes)]
+            if loss == "logit-adjusted":
+                hparams[f"{method}/{loss}"] = {"selected": {"tau": tau}, "selected_on": "val split, overall top-1, "
+                                               f"seed {run.p.seeds[0]}", "validation": table}
+            log.info("%s %s %s: overall %.2f ± %.2f, few %.2f ± %.2f", spec.name, method, loss,
+                     100 * summary["overall"]["mean"], 100 * summary["overall"]["ci95"],
+                     100 * summary["few"]["mean"], 100 * summary["few"]["ci95"])
+    reports.write_accuracy_csv(rows, run.results / "accuracy.csv")
+    reports.write_class_csv(class_rows, run.results / "per_class.csv")
+    write_json(run.results / "hparams.json", hparams)
+
+
+def stage_report(run: Run) -> None:
+    rows = reports.read_accuracy_csv(run.results / "accuracy.csv")
+    class_rows = reports.read_class_csv(run.results / "per_class.csv")
+    t = run.p.train
+    notes = [
+        f"Classifier: timm `{t.model}`{' (ImageNet-pretrained)' if t.pretrained else ' from scratch'}, {t.epochs} epoch{'s' if t.epochs != 1 else ''}, "
+        f"batch {t.batch_size}, SGD lr {t.lr}{f' (backbone {t.backbone_lr})' if t.backbone_lr is not None else ''}, "
+        f"{t.schedule} schedule, weight decay {t.weight_decay}, {t.image_size} px.",
+        f"Shot groups by real training images (classifier-balancing's `shot_acc`): many > {run.spec.many_shot_threshold}, "
+        f"few < {run.spec.few_shot_threshold}, medium otherwise; a group's accuracy is the mean of its classes'. "
+        "The interval resamples only the training seed (each seed a classifier trained from scratch); the test set is fixed.",
+        "Losses: `ce` = cross-entropy; `logit-adjusted` = Menon et al. 2021 (tau = 1 is Balanced Softmax), tau chosen on "
+        "the validation split (hparams.json)."]
+    reports.write_report(rows, class_rows, run.results, run.spec.many_shot_threshold, run.spec.few_shot_threshold,
+                         methods=run.p.methods, notes=notes)
+
+
+STAGE_FUNCS = {"data": stage_data, "train": stage_train, "evaluate": stage_evaluate, "report": stage_report}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.longtail", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=STAGES + ("all",))
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--section", default="longtail", help="params.yaml section holding LongTailParams")
+    parser.add_argument("--benchmark", action="append", help="only these benchmarks (default: all in params)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    try:
+        p = load_section(LongTailParams, args.section, args.params)
+        for name in args.benchmark or p.benchmarks:
+            run = Run(p, name)
+            for stage in STAGES if args.stage == "all" else (args.stage,):
+                log.info("%s: stage %s", run.spec.name, stage)
+                STAGE_FUNCS[stage](run)
+    except (FileNotFoundError, UnknownNameError, ValueError, ConnectionError) as e:  # bad input: one line, exit 2
+        parser.exit(2, f"error: {e}\n")
+    return 0

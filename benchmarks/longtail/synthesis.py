@@ -1,0 +1,70 @@
+"""Which classes get extra (synthetic) images, how many, and where training finds them.
+
+The generation itself is the few-shot synthesis machinery (``benchmarks/fewshot/synthesis.py``);
+this module holds only the long-tail rules, so that any producer of images can feed
+:func:`benchmarks.longtail.training.training_items` through a mapping ``class -> image paths``."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from benchmarks.fewshot.registry import unknown_error
+from benchmarks.fewshot.sampling import key_rng
+from benchmarks.longtail.data import IMAGE_SUFFIXES, Split
+from benchmarks.longtail.evaluation import GROUPS, shot_group
+from benchmarks.longtail.registry import FEW_SHOT_THRESHOLD, MANY_SHOT_THRESHOLD
+
+
+def synthesis_plan(train_counts: Mapping[str, int], groups: Sequence[str] = ("medium", "few"),
+                   images_per_class: int | None = None, top_up_to: int | None = None,
+                   many_threshold: int = MANY_SHOT_THRESHOLD, few_threshold: int = FEW_SHOT_THRESHOLD) -> dict[str, int]:
+    """``class -> number of images to generate`` for the classes whose shot group (by real training
+    images, :func:`benchmarks.longtail.evaluation.shot_group`) is in ``groups``: either a fixed
+    ``images_per_class`` (M each) or enough to bring the class up to ``top_up_to`` images. Classes
+    that need none are left out."""
+    if (images_per_class is None) == (top_up_to is None):
+        raise ValueError("give exactly one of images_per_class (M per class) and top_up_to (a target count)")
+    for g in groups:
+        if g not in GROUPS:
+            raise unknown_error("unknown shot group", g, GROUPS)
+    plan = {}
+    for c, n in train_counts.items():
+        if shot_group(n, many_threshold, few_threshold) not in groups:
+            continue
+        k = images_per_class if images_per_class is not None else max(0, top_up_to - n)
+        if k < 0:
+            raise ValueError(f"images_per_class must be >= 0, got {k}")
+        if k:
+            plan[c] = k
+    return plan
+
+
+def reference_images(train: Split, classes: Sequence[str], wanted: Sequence[str], per_class: int, seed: int,
+                     benchmark: str) -> dict[str, list[str]]:
+    """Up to ``per_class`` reference images for each class in ``wanted``, drawn from that class's
+    images in the **training** split only (val and test never condition a generator), each class from
+    its own generator keyed by (seed, benchmark, class) so adding a class changes no other's draw."""
+    position = {c: i for i, c in enumerate(classes)}
+    out = {}
+    for c in wanted:
+        if c not in position:
+            raise unknown_error("reference images for an unknown class: no class", c, classes)
+        rows = [i for i, y in enumerate(train.labels) if y == position[c]]
+        take = key_rng(seed, "references", benchmark, c).choice(len(rows), size=min(per_class, len(rows)), replace=False)
+        out[c] = [train.paths[rows[int(k)]] for k in sorted(take)]
+    return out
+
+
+def images_in_folder(folder: str | Path, classes: Sequence[str]) -> dict[str, list[Path]]:
+    """``class -> sorted image files`` of ``<folder>/<class>/``; a class without a folder has none,
+    a folder that is not a class is an error (a typo would otherwise drop its images silently)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"extra-image folder not found: {folder}")
+    known = set(classes)
+    out = {}
+    for d in sorted(p for p in folder.iterdir() if p.is_dir()):
+        if d.name not in known:
+            raise unknown_error(f"{folder}: folder is not a class: no class", d.name, classes)
+        out[d.name] = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    return out

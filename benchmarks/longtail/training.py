@@ -1,0 +1,221 @@
+"""A timm classifier trained on a long-tailed training set (real images plus, optionally, extra
+images per class), with cross-entropy or the logit-adjusted loss.
+
+Defaults (:class:`TrainConfig`) are the joint-training recipe of classifier-balancing (Kang et al.,
+ICLR 2020, ``config/ImageNet_LT/feat_uniform.yaml``), which Balanced Softmax (Ren et al., NeurIPS
+2020) and logit adjustment (Menon et al., ICLR 2021) also train ImageNet-LT with: 90 epochs, batch
+512, SGD (momentum 0.9, weight decay 5e-4), lr 0.2 with a cosine decay to 0, RandomResizedCrop(224)
++ horizontal flip + ColorJitter(0.4, 0.4, 0.4), test on Resize(256) + CenterCrop(224). The backbone
+is a setting (``model``, any timm name; ResNet-50 by default).
+
+A run is resumable: the state after every epoch (model, optimiser, schedule, random generators) is
+saved atomically, and a rerun continues from it."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from benchmarks.fewshot.classifiers import IMAGENET_MEAN, IMAGENET_STD
+from benchmarks.fewshot.registry import unknown_error
+from pipelines.io import atomic_path
+
+LOSSES = ("ce", "logit-adjusted")
+SCHEDULES = ("cosine", "step")
+
+
+@dataclass
+class TrainConfig:
+    model: str = "resnet50"
+    pretrained: bool = False          # timm's ImageNet weights: never for ImageNet-LT (trained on the full, balanced train set)
+    image_size: int = 224
+    epochs: int = 90
+    batch_size: int = 512
+    lr: float = 0.2                   # the classifier layer's lr, and the backbone's unless backbone_lr is set
+    backbone_lr: float | None = None  # e.g. fine-tuning a pretrained backbone slower than the new classifier
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"          # cosine to 0 over all epochs, or step (x step_gamma every step_epochs)
+    step_epochs: int = 30
+    step_gamma: float = 0.1
+    color_jitter: float = 0.4
+    amp: bool = True                  # bfloat16 autocast on CUDA
+    num_workers: int = 8
+    eval_batch_size: int = 256
+    device: str = "auto"
+
+    def resolved_device(self) -> str:
+        return ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
+
+
+# --- the long-tail-aware loss --------------------------------------------------------------------
+
+def logit_adjusted_loss(logits: torch.Tensor, targets: torch.Tensor, class_counts: torch.Tensor,
+                        tau: float = 1.0) -> torch.Tensor:
+    """Logit-adjusted softmax cross-entropy (Menon et al., "Long-tail learning via logit
+    adjustment", ICLR 2021, eq. 10), averaged over the batch:
+
+        l(y, f(x)) = -log( exp(f_y(x) + tau * log pi_y) / sum_y' exp(f_y'(x) + tau * log pi_y') )
+
+    with pi_y = n_y / sum_j n_j the label frequencies of the training set. At tau = 1 this is
+    Balanced Softmax (Ren et al., NeurIPS 2020, eq. 4: softmax over n_j exp(f_j)), since log n_y and
+    log pi_y differ by a constant that cancels. Predictions use the plain logits, argmax_y f_y(x),
+    which then estimate the balanced (test) label distribution. Every class needs n_y >= 1."""
+    counts = class_counts.to(device=logits.device, dtype=torch.float32)
+    if (counts <= 0).any():
+        raise ValueError(f"logit adjustment needs every class in the training set; class {int((counts <= 0).nonzero()[0])} has none")
+    log_prior = torch.log(counts / counts.sum())
+    return F.cross_entropy(logits.float() + tau * log_prior, targets)
+
+
+def loss_fn(name: str, class_counts: torch.Tensor, tau: float = 1.0) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    if name == "ce":
+        return lambda logits, y: F.cross_entropy(logits.float(), y)
+    if name == "logit-adjusted":
+        return lambda logits, y: logit_adjusted_loss(logits, y, class_counts, tau)
+    raise unknown_error("unknown loss", name, LOSSES)
+
+
+# --- images --------------------------------------------------------------------------------------
+
+def transforms(cfg: TrainConfig, train: bool):
+    from torchvision import transforms as T
+
+    norm = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if train:
+        jitter = [T.ColorJitter(cfg.color_jitter, cfg.color_jitter, cfg.color_jitter, 0)] if cfg.color_jitter else []
+        return T.Compose([T.RandomResizedCrop(cfg.image_size), T.RandomHorizontalFlip(), *jitter, *norm])
+    return T.Compose([T.Resize(round(cfg.image_size * 256 / 224)), T.CenterCrop(cfg.image_size), *norm])
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    def __init__(self, paths: Sequence[str], labels: Sequence[int], transform):
+        self.paths, self.labels, self.transform = list(paths), torch.as_tensor(np.asarray(labels)), transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        with Image.open(self.paths[i]) as im:
+            return self.transform(im.convert("RGB")), self.labels[i]
+
+
+def training_items(paths: Sequence[str], labels: Sequence[int], classes: Sequence[str],
+                   extra: Mapping[str, Sequence[str | Path]] | Callable[[str], Sequence[str | Path]] | None = None
+                   ) -> tuple[list[str], np.ndarray]:
+    """The real training images plus the ``extra`` images of each class (a mapping or a function
+    ``class -> image paths``, e.g. synthetic images), labelled by the class's position in ``classes``."""
+    paths, labels = [str(p) for p in paths], list(np.asarray(labels).tolist())
+    if extra is not None:
+        get = extra if callable(extra) else (lambda c: extra.get(c, ()))
+        if not callable(extra):
+            unknown = sorted(set(extra) - set(classes))
+            if unknown:
+                raise unknown_error("extra images for an unknown class: no class", unknown[0], classes)
+        for i, c in enumerate(classes):
+            more = [str(p) for p in get(c)]
+            paths += more
+            labels += [i] * len(more)
+    return paths, np.asarray(labels, dtype=np.int64)
+
+
+# --- training ------------------------------------------------------------------------------------
+
+def create_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
+    import timm
+
+    if cfg.model not in timm.list_models():
+        raise unknown_error("unknown timm model", cfg.model, timm.list_models())
+    return timm.create_model(cfg.model, pretrained=cfg.pretrained, num_classes=num_classes)
+
+
+def _param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
+    head = set(id(p) for p in model.get_classifier().parameters())
+    body = [p for p in model.parameters() if id(p) not in head]
+    return [{"params": body, "lr": cfg.backbone_lr if cfg.backbone_lr is not None else cfg.lr},
+            {"params": list(model.get_classifier().parameters()), "lr": cfg.lr}]
+
+
+def _schedule(opt, cfg: TrainConfig, steps_per_epoch: int):
+    total = cfg.epochs * steps_per_epoch
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    if cfg.schedule == "step":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cfg.step_gamma ** (s // (cfg.step_epochs * steps_per_epoch)))
+    raise unknown_error("unknown lr schedule", cfg.schedule, SCHEDULES)
+
+
+def train_classifier(paths: Sequence[str], labels: np.ndarray, num_classes: int, cfg: TrainConfig, loss: str,
+                     seed: int, tau: float = 1.0, state_path: str | Path | None = None,
+                     progress: bool = True) -> torch.nn.Module:
+    """Train ``cfg.model`` from its initialisation under ``seed`` on (paths, labels) with ``loss``
+    (the logit adjustment uses the label counts of exactly these images, extra images included).
+
+    Initialisation, shuffling and augmentation all derive from ``seed`` (augmentation in DataLoader
+    workers is seeded by torch from the shuffling generator), so a run is reproducible for a given
+    ``num_workers``. With ``state_path`` the state after each epoch is saved there and a rerun resumes."""
+    device = cfg.resolved_device()
+    counts = torch.as_tensor(np.bincount(labels, minlength=num_classes))
+    criterion = loss_fn(loss, counts, tau)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = create_model(cfg, num_classes).to(device)
+    loader = torch.utils.data.DataLoader(
+        ImageFiles(paths, labels, transforms(cfg, train=True)), batch_size=cfg.batch_size, shuffle=True,
+        generator=gen, num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
+        pin_memory=device.startswith("cuda"), drop_last=len(paths) > cfg.batch_size)
+    opt = torch.optim.SGD(_param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sched = _schedule(opt, cfg, len(loader))
+    start = 0
+    if state_path is not None and Path(state_path).is_file():
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        start = state["epoch"]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.startswith("cuda"))
+    bar = tqdm(range(start, cfg.epochs), desc=f"{cfg.model} {loss} seed {seed}", disable=not progress,
+               initial=start, total=cfg.epochs)
+    for epoch in bar:
+        model.train()
+        for b, (x, y) in enumerate(loader):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast:
+                logits = model(x)
+            value = criterion(logits, y)
+            if not torch.isfinite(value):
+                raise FloatingPointError(f"{loss} loss is {value.item()} at epoch {epoch}, batch {b}; lower the lr")
+            opt.zero_grad(set_to_none=True)
+            value.backward()
+            opt.step()
+            sched.step()
+        bar.set_postfix(loss=f"{value.item():.3f}")
+        if state_path is not None:
+            with atomic_path(state_path) as tmp:
+                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                            "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "epoch": epoch + 1}, tmp)
+    return model.eval()
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, paths: Sequence[str], cfg: TrainConfig, progress: bool = True) -> np.ndarray:
+    """Top-1 class of every image (test-time Resize + CenterCrop, argmax of the plain logits)."""
+    device = cfg.resolved_device()
+    model.to(device).eval()
+    loader = torch.utils.data.DataLoader(ImageFiles(paths, np.zeros(len(paths), dtype=np.int64), transforms(cfg, train=False)),
+                                         batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.startswith("cuda"))
+    out = []
+    for x, _ in tqdm(loader, desc="predicting", disable=not progress):
+        with autocast:
+            out.append(model(x.to(device)).argmax(-1).cpu())
+    return torch.cat(out).numpy().astype(np.int64) if out else np.zeros(0, dtype=np.int64)

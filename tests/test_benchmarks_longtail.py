@@ -1,0 +1,447 @@
+"""Long-tail benchmarks: shipped lists, the ImageNet-LT data stage on a fixture laid out like
+ILSVRC2012, the shot-group rule, the logit-adjusted loss, intervals over seeds, the synthesis
+selection rule, and a tiny train -> evaluate -> report run through the CLI."""
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from PIL import Image
+
+from benchmarks.longtail import data, evaluation, reports, stages, synthesis, training
+from benchmarks.longtail.registry import (IMAGENET_LT_TRAIN_SHA256, SPLITS, ListFile, get_benchmark, list_benchmarks,
+                                          register_benchmark, with_train_list)
+
+# Five real ILSVRC2012 classes; train counts straddle both boundaries of classifier-balancing's rule
+# (many > 100, few < 20): 101 many, 100 and 20 medium, 19 and 5 few.
+WNIDS = ("n01440764", "n01443537", "n01484850", "n01491361", "n01494475")
+TRAIN = (101, 100, 20, 19, 5)
+VAL, TEST = 2, 3
+
+
+def _jpeg(label: int, i: int, size: int = 12) -> bytes:
+    rng = np.random.default_rng(1000 * label + i)
+    base = np.array([40 + 50 * label, 200 - 40 * label, 120], dtype=np.float64)
+    pixels = np.clip(base + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _fixture_lists():
+    """ImageNet-LT-style lists: val from the ILSVRC train folder, test from the ILSVRC val images."""
+    lists = {s: [] for s in SPLITS}
+    val_no = 293
+    for label, (wnid, n) in enumerate(zip(WNIDS, TRAIN)):
+        for i in range(n + VAL):
+            split = "train" if i < n else "val"
+            lists[split].append((f"train/{wnid}/{wnid}_{10026 + 7 * i}.JPEG", label))
+        for _ in range(TEST):
+            lists["test"].append((f"val/{wnid}/ILSVRC2012_val_{val_no:08d}.JPEG", label))
+            val_no += 1
+    return lists
+
+
+def _list_text(entries) -> bytes:
+    return "".join(f"{p} {label}\n" for p, label in entries).encode()
+
+
+def _write_tree(root, lists, as_tars: bool = False):
+    """ILSVRC2012 layout: train/<wnid>/<file> and a flat val/, or the official tars."""
+    files = {}
+    for split in SPLITS:
+        for k, (path, label) in enumerate(lists[split]):
+            name = path.split("/")[-1]
+            files[f"train/{path.split('/')[1]}/{name}" if path.startswith("train/") else f"val/{name}"] = _jpeg(label, k)
+    if not as_tars:
+        for rel, b in files.items():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_bytes(b)
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+
+    def add(tar, name, payload):
+        info = tarfile.TarInfo(name)
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+
+    with tarfile.open(root / "ILSVRC2012_img_train.tar", "w") as outer:
+        for wnid in WNIDS:
+            inner = io.BytesIO()
+            with tarfile.open(fileobj=inner, mode="w") as t:
+                for rel, b in files.items():
+                    if rel.startswith(f"train/{wnid}/"):
+                        add(t, rel.split("/")[-1], b)
+            add(outer, f"{wnid}.tar", inner.getvalue())
+    with tarfile.open(root / "ILSVRC2012_img_val.tar", "w") as t:
+        for rel, b in files.items():
+            if rel.startswith("val/"):
+                add(t, rel.split("/")[-1], b)
+    return root
+
+
+@pytest.fixture
+def fixture(tmp_path):
+    """A five-class ImageNet-LT: the real spec with fixture lists (train by URL, as downloaded)."""
+    lists = _fixture_lists()
+    (tmp_path / "lists").mkdir()
+    files = {}
+    for s in SPLITS:
+        files[s] = tmp_path / "lists" / f"ImageNet_LT_{s}.txt"
+        files[s].write_bytes(_list_text(lists[s]))
+    lf = {s: ListFile(hashlib.sha256(files[s].read_bytes()).hexdigest(), files[s].name, path=str(files[s]))
+          for s in ("val", "test")}
+    lf["train"] = ListFile(hashlib.sha256(files["train"].read_bytes()).hexdigest(), files["train"].name,
+                           url=files["train"].as_uri(), size=files["train"].stat().st_size)
+    spec = dataclasses.replace(get_benchmark("imagenet-lt"), name="imagenet-lt-fixture", classes=WNIDS, lists=lf,
+                               images_per_split={s: len(lists[s]) for s in SPLITS},
+                               images_per_class={"val": VAL, "test": TEST}, image_size=12)
+    return spec, lists, files
+
+
+# --- registry and shipped lists ------------------------------------------------------------------
+
+def test_registry_specs_match_the_published_sizes():
+    assert {"imagenet-lt", "places-lt"} <= set(list_benchmarks())
+    inet, places = get_benchmark("imagenet-lt"), get_benchmark("places-lt")
+    assert (len(inet.classes), inet.images_per_split, inet.images_per_class) == (
+        1000, {"train": 115_846, "val": 20_000, "test": 50_000}, {"val": 20, "test": 50})
+    assert inet.classes[0] == "n01440764" and inet.display_name("n01440764") == "tench"
+    assert inet.lists["train"].sha256 == IMAGENET_LT_TRAIN_SHA256 and inet.lists["train"].size == 4_658_674
+    assert "1Sl1cwy6Dei1I1BMS1YKjI35fkaR1UA_7" in inet.lists["train"].url
+    assert (len(places.classes), places.images_per_split, places.images_per_class) == (
+        365, {"train": 62_500, "val": 7_300, "test": 36_500}, {"val": 20, "test": 100})
+    assert places.display_name("arena-hockey") == "arena hockey"
+
+
+def test_shipped_lists_are_the_published_bytes_and_declared_package_data():
+    import gzip
+    import tomllib
+    from importlib import resources
+    from pathlib import Path
+
+    expected = {"imagenet_lt/ImageNet_LT_val.txt.gz": "9af7ba688acf9532ff5845a8fb14a1e97fdc4c51ac48bc72c08ea9c3f7ff142e",
+                "imagenet_lt/ImageNet_LT_test.txt.gz": "d1590191cf8a71fada7b1aaedaa2d139a2aea93ff2f1b755319d0bd8dbaa55d5",
+                "places_lt/Places_LT_train.txt.gz": "726c4871dcbf07ce2f857703bfe32e9a83ffbf52d704239f6d95c4f4f4c247f7",
+                "places_lt/Places_LT_val.txt.gz": "719e3cf3766c09134ea28f56f1036c78def511ac1ed2c2532a6beef78f2439ba",
+                "places_lt/Places_LT_test.txt.gz": "44eee8441c8098c59195465abede425721bc35525d75209f9433b161a6eb37bc"}
+    root = resources.files("benchmarks.longtail").joinpath("lists")
+    got = {n: hashlib.sha256(gzip.decompress(root.joinpath(*n.split("/")).read_bytes())).hexdigest() for n in expected}
+    assert got == expected
+    sources = root.joinpath("SOURCES.md").read_text()
+    assert all(sha in sources for sha in expected.values()) and IMAGENET_LT_TRAIN_SHA256 in sources
+    cfg = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert "lists/*/*.txt.gz" in cfg["tool"]["setuptools"]["package-data"]["benchmarks.longtail"]
+
+
+def test_shipped_lists_pass_the_spec_checks():
+    """Counts per split and class, and each path's class folder against its label's class."""
+    for name, splits in (("imagenet-lt", ("val", "test")), ("places-lt", SPLITS)):
+        spec = get_benchmark(name)
+        for s in splits:
+            entries = data.parse_list(data.list_bytes(spec.lists[s]).decode(), s)
+            assert sum(data.check_entries(spec, s, entries).values()) == spec.images_per_split[s]
+    inet = get_benchmark("imagenet-lt")
+    entries = data.parse_list(data.list_bytes(inet.lists["val"]).decode(), "val")
+    with pytest.raises(data.DatasetIntegrityError, match="label 1 is class 'n01443537', not the folder 'n01440764'"):
+        data.check_entries(inet, "val", [(p, 1 if k == 0 else y) for k, (p, y) in enumerate(entries)])
+
+
+# --- the data stage on an ILSVRC2012-like fixture ------------------------------------------------
+
+@pytest.mark.parametrize("as_tars", [False, True], ids=["folder-tree", "official-tars"])
+def test_data_stage_selects_listed_images_by_file_name(fixture, tmp_path, as_tars):
+    spec, lists, files = fixture
+    root = _write_tree(tmp_path / "ILSVRC2012", lists, as_tars)
+    # an image of the source that no list names must not enter any split
+    (root / "train" / WNIDS[0]).mkdir(parents=True, exist_ok=True)
+    (root / "train" / WNIDS[0] / f"{WNIDS[0]}_99999.JPEG").write_bytes(_jpeg(0, 0))
+    out = data.prepare(spec, root, tmp_path / "D" / "prepared", cache_dir=tmp_path / "D" / "lists", progress=False)
+    splits = data.load_prepared(spec, out)
+    for s in SPLITS:
+        assert [p.split("/")[-1] for p in splits[s].paths] == [p.split("/")[-1] for p, _ in lists[s]]
+        assert splits[s].labels.tolist() == [y for _, y in lists[s]]
+    assert data.class_counts(splits["train"], len(WNIDS)).tolist() == list(TRAIN)
+    assert (tmp_path / "D" / "lists" / "ImageNet_LT_train.txt").read_bytes() == files["train"].read_bytes()
+    with Image.open(splits["test"].paths[0]) as im:
+        assert im.size == (12, 12)
+    assert (tmp_path / "D" / "images").is_dir() == as_tars  # tars are extracted, folders are read in place
+    record = json.loads((out / "integrity.json").read_text())
+    assert record["spec"]["lists"]["train"]["sha256"] == spec.lists["train"].sha256 and record["images"]["train"] == sum(TRAIN)
+    stamp = (out / "integrity.json").stat().st_mtime_ns
+    data.prepare(spec, tmp_path / "nowhere", out)  # done: returns before looking for images
+    assert (out / "integrity.json").stat().st_mtime_ns == stamp
+
+
+def test_places_images_are_found_by_class_folder_and_file_name(tmp_path):
+    """Places365 train files are numbered per class (00000001.jpg in every class): the class folder
+    decides, also when data_256 nests a sub-category (arena/hockey = arena-hockey)."""
+    spec = get_benchmark("places-lt")
+    assert data.entry_key(spec, "train/arena-hockey/00000001.jpg") == "arena-hockey/00000001.jpg"
+    assert data.entry_key(spec, "val/airfield/Places365_val_00003597.jpg") == "Places365_val_00003597.jpg"
+    assert "arena-hockey/00000001.jpg" in data.source_keys(spec, ["data_256", "a", "arena", "hockey", "00000001.jpg"])
+    assert data.source_keys(spec, ["val_256", "Places365_val_00003597.jpg"]) == ["Places365_val_00003597.jpg"]
+    entries = {"train": [("train/arena-hockey/00000001.jpg", 0), ("train/airfield/00000001.jpg", 1)],
+               "val": [], "test": [("val/airfield/Places365_val_00003597.jpg", 1)]}
+    for rel in ("data_256/a/arena/hockey/00000001.jpg", "data_256/a/airfield/00000001.jpg",
+                "data_256/a/airfield/00000002.jpg", "val_256/Places365_val_00003597.jpg"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(rel.encode())
+    found = data.find_images(spec, entries, tmp_path, tmp_path / "extracted", progress=False)
+    assert {k: v.read_text() for k, v in found.items()} == {
+        "arena-hockey/00000001.jpg": "data_256/a/arena/hockey/00000001.jpg",
+        "airfield/00000001.jpg": "data_256/a/airfield/00000001.jpg",
+        "Places365_val_00003597.jpg": "val_256/Places365_val_00003597.jpg"}
+
+
+def test_a_missing_image_is_an_error_that_names_it(fixture, tmp_path):
+    spec, lists, _ = fixture
+    root = _write_tree(tmp_path / "ILSVRC2012", lists)
+    (root / "val" / "ILSVRC2012_val_00000297.JPEG").unlink()
+    with pytest.raises(data.MissingImageError, match=r"image val/n01443537/ILSVRC2012_val_00000297.JPEG \(test list\) not found"):
+        data.prepare(spec, root, tmp_path / "prepared", progress=False)
+    assert not (tmp_path / "prepared").exists()
+    (root / "val" / "ILSVRC2012_val_00000297.JPEG").write_bytes(_jpeg(1, 0)[:30])  # back, but truncated
+    with pytest.raises(data.DatasetIntegrityError, match=r"1 images do not decode, e.g. .*ILSVRC2012_val_00000297.JPEG"):
+        data.prepare(spec, root, tmp_path / "prepared", progress=False)
+    assert not (tmp_path / "prepared").exists()
+
+
+def test_wrong_checksum_train_list_is_refused(fixture, tmp_path):
+    """A local copy and a download are held to the same size and sha256; nothing wrong is cached."""
+    real = get_benchmark("imagenet-lt")
+    bad = tmp_path / "ImageNet_LT_train.txt"
+    bad.write_bytes(b"train/n01440764/n01440764_10026.JPEG 0\n")
+    with pytest.raises(data.ListChecksumError, match=r"39 bytes with sha256 [0-9a-f]{64}; the official ImageNet_LT_train.txt "
+                                                     r"has 4,658,674 bytes, sha256 efdbdad4f050"):
+        data.list_bytes(with_train_list(real, bad).lists["train"])
+    spec, lists, files = fixture
+    files["train"].write_bytes(files["train"].read_bytes().replace(b" 4\n", b" 3\n", 1))  # one label changed upstream
+    with pytest.raises(data.ListChecksumError, match="download of file:"):
+        data.list_bytes(spec.lists["train"], cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_cli_reports_bad_input_in_one_line_with_exit_2(fixture, tmp_path, capsys):
+    spec, lists, files = fixture
+    register_benchmark(spec.name, spec, overwrite=True)
+    bad = tmp_path / "copy.txt"
+    bad.write_bytes(files["train"].read_bytes() + b"train/n01440764/n01440764_1.JPEG 0\n")
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"longtail": {"benchmarks": [spec.name], "data_dir": str(tmp_path / "d"),
+                                                   "image_roots": {spec.name: str(_write_tree(tmp_path / "src", lists))},
+                                                   "train_lists": {spec.name: str(bad)}, "progress": False}}))
+    with pytest.raises(SystemExit) as e:
+        stages.main(["data", "--params", str(params)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(f"error: {bad}:") and "sha256" in err
+
+
+def test_gpu_profiles_parse_into_the_typed_params():
+    """Unknown or misspelt keys are errors; the benchmarks and data layout are the stated ones."""
+    from pathlib import Path
+
+    from benchmarks.params import load_section
+
+    repo = Path(__file__).parents[1]
+    for name in ("imagenet-lt", "places-lt"):
+        p = load_section(stages.LongTailParams, "longtail", repo / "profiles" / name / "params.yaml")
+        assert p.benchmarks == [name] and name in p.image_roots and len(p.seeds) >= 3
+        assert set(p.losses) == set(training.LOSSES)
+        dvc = yaml.safe_load((repo / "profiles" / name / "dvc.yaml").read_text())
+        assert all(f"profiles/{name}/params.yaml" in st["cmd"] for st in dvc["stages"].values())
+    with pytest.raises(ValueError, match="at least 3 distinct"):
+        stages.LongTailParams(seeds=[0, 1])
+    with pytest.raises(KeyError, match="did you mean 'logit-adjusted'"):
+        stages.LongTailParams(losses=["logit-adjust"])
+
+
+# --- evaluation ----------------------------------------------------------------------------------
+
+def test_shot_groups_follow_classifier_balancing_shot_acc():
+    counts = [101, 100, 20, 19, 5]
+    assert evaluation.shot_groups(counts).tolist() == ["many", "medium", "medium", "few", "few"]
+    # OLTR's older rule (>= 100 many, <= 20 few) expressed through the thresholds
+    assert evaluation.shot_groups(counts, many_threshold=99, few_threshold=21).tolist() == ["many", "many", "few", "few", "few"]
+    labels = np.repeat(np.arange(5), 2)
+    # correct per class: 2/2, 1/2, 0/2, 1/2, 2/2
+    preds = np.array([0, 0, 1, 0, 4, 4, 3, 1, 4, 4])
+    acc = evaluation.shot_accuracies(preds, labels, counts)
+    assert acc == pytest.approx({"many": 1.0, "medium": (0.5 + 0.0) / 2, "few": (0.5 + 1.0) / 2, "overall": 6 / 10})
+    # a group is the mean of its classes, not of its images: unequal test counts tell them apart
+    labels2, preds2 = np.array([0, 1, 1, 1, 3, 3]), np.array([0, 1, 0, 0, 3, 3])
+    assert evaluation.shot_accuracies(preds2, labels2, counts)["medium"] == pytest.approx(1 / 3)
+    no_many = evaluation.shot_accuracies(preds, labels, [50, 50, 50, 5, 5])
+    assert math.isnan(no_many["many"]) and no_many["medium"] == pytest.approx(0.5)
+
+
+def test_t_interval_over_seeds():
+    mean, ci = evaluation.mean_ci95_t([0.5, 0.6, 0.7])
+    assert mean == pytest.approx(0.6)
+    assert ci == pytest.approx(4.302653 * 0.1 / math.sqrt(3), rel=1e-6)  # t_{0.975, 2} from tables
+    with pytest.raises(ValueError, match="at least 2 seeds"):
+        evaluation.mean_ci95_t([0.5])
+
+
+# --- the logit-adjusted loss ---------------------------------------------------------------------
+
+def test_logit_adjusted_loss_matches_its_formula():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3, 4, 4, 0])
+    counts = torch.tensor([500.0, 120.0, 40.0, 9.0, 2.0])
+    pi = (counts / counts.sum()).double()
+    for tau in (0.5, 1.0, 2.0):
+        adjusted = logits + tau * pi.log()
+        by_hand = -(adjusted[range(7), y] - adjusted.exp().sum(1).log()).mean()
+        assert training.logit_adjusted_loss(logits, y, counts, tau).item() == pytest.approx(by_hand.item(), rel=1e-6)
+    # tau = 1 is Balanced Softmax: -log(n_y e^{f_y} / sum_j n_j e^{f_j})
+    weighted = counts.double() * logits.exp()
+    balanced = -(weighted[range(7), y] / weighted.sum(1)).log().mean()
+    assert training.logit_adjusted_loss(logits, y, counts, 1.0).item() == pytest.approx(balanced.item(), rel=1e-6)
+    assert training.logit_adjusted_loss(logits, y, counts, 0.0).item() == pytest.approx(F.cross_entropy(logits, y).item())
+    # it charges a head-class prediction more than cross-entropy does, a tail one less
+    head, tail = torch.zeros(1, 5), torch.zeros(1, 5)
+    assert training.logit_adjusted_loss(head, torch.tensor([0]), counts) < F.cross_entropy(head, torch.tensor([0]))
+    assert training.logit_adjusted_loss(tail, torch.tensor([4]), counts) > F.cross_entropy(tail, torch.tensor([4]))
+    with pytest.raises(ValueError, match="class 2 has none"):
+        training.logit_adjusted_loss(logits, y, torch.tensor([5.0, 3.0, 0.0, 1.0, 1.0]))
+
+
+def test_an_interrupted_training_run_resumes_to_the_same_model(tmp_path, monkeypatch):
+    paths = []
+    for k in range(12):
+        paths.append(tmp_path / f"{k}.jpg")
+        paths[-1].write_bytes(_jpeg(k % 3, k))
+    labels = np.arange(12) % 3
+    cfg = training.TrainConfig(model="test_resnet", image_size=12, epochs=2, batch_size=4, lr=0.05, amp=False,
+                               num_workers=0, device="cpu")
+    torch.set_num_threads(1)
+    whole = training.train_classifier(paths, labels, 3, cfg, "logit-adjusted", seed=3, progress=False).state_dict()
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_first_epoch(iterable, **_):
+        class Bar:
+            def __iter__(self):
+                yield next(iter(iterable))
+                raise Interrupted
+
+            def set_postfix(self, **_):
+                pass
+        return Bar()
+
+    state = tmp_path / "state.pt"
+    with monkeypatch.context() as m:
+        m.setattr(training, "tqdm", stop_after_first_epoch)
+        with pytest.raises(Interrupted):
+            training.train_classifier(paths, labels, 3, cfg, "logit-adjusted", seed=3, state_path=state, progress=False)
+    assert torch.load(state, weights_only=True)["epoch"] == 1
+    resumed = training.train_classifier(paths, labels, 3, cfg, "logit-adjusted", seed=3, state_path=state,
+                                        progress=False).state_dict()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+# --- extra images and the synthesis rule ---------------------------------------------------------
+
+def test_synthesis_plan_selects_medium_and_few_classes():
+    counts = {"a": 150, "b": 100, "c": 20, "d": 19, "e": 5}
+    assert synthesis.synthesis_plan(counts, images_per_class=10) == {"b": 10, "c": 10, "d": 10, "e": 10}
+    assert synthesis.synthesis_plan(counts, top_up_to=20) == {"d": 1, "e": 15}
+    assert synthesis.synthesis_plan(counts, groups=("few",), top_up_to=50) == {"d": 31, "e": 45}
+    with pytest.raises(ValueError, match="exactly one"):
+        synthesis.synthesis_plan(counts, images_per_class=5, top_up_to=20)
+    with pytest.raises(KeyError, match="did you mean 'medium'"):
+        synthesis.synthesis_plan(counts, groups=("medum",), images_per_class=5)
+
+
+def test_reference_images_come_from_the_training_split_and_are_keyed_per_class():
+    train = data.Split(tuple(f"train/{i}.jpg" for i in range(30)), np.arange(30) % 3)
+    refs = synthesis.reference_images(train, ["a", "b", "c"], ["b", "c"], per_class=4, seed=0, benchmark="x")
+    assert set(refs) == {"b", "c"} and all(len(v) == 4 for v in refs.values())
+    assert all(int(p.split("/")[1].split(".")[0]) % 3 == 1 for p in refs["b"])
+    assert synthesis.reference_images(train, ["a", "b", "c"], ["c"], 4, 0, "x")["c"] == refs["c"]  # b's draw is not c's
+    assert synthesis.reference_images(train, ["a", "b", "c"], ["c"], 4, 1, "x")["c"] != refs["c"]
+    assert len(synthesis.reference_images(train, ["a", "b", "c"], ["a"], 50, 0, "x")["a"]) == 10  # all it has
+
+
+def test_extra_images_join_the_training_set_under_their_class(tmp_path):
+    for c, n in (("b", 2), ("c", 1)):
+        (tmp_path / "gen" / c).mkdir(parents=True)
+        for i in range(n):
+            (tmp_path / "gen" / c / f"{i}.png").write_bytes(b"")
+    extra = synthesis.images_in_folder(tmp_path / "gen", ["a", "b", "c"])
+    paths, labels = training.training_items(["r0", "r1"], [0, 2], ["a", "b", "c"], extra)
+    assert labels.tolist() == [0, 2, 1, 1, 2] and paths[:2] == ["r0", "r1"] and paths[2].endswith("b/0.png")
+    same = training.training_items(["r0", "r1"], [0, 2], ["a", "b", "c"], lambda c: extra.get(c, []))
+    assert same[0] == paths and same[1].tolist() == labels.tolist()
+    (tmp_path / "gen" / "x").mkdir()
+    with pytest.raises(KeyError, match="folder is not a class"):
+        synthesis.images_in_folder(tmp_path / "gen", ["a", "b", "c"])
+    with pytest.raises(KeyError, match="unknown class"):
+        training.training_items([], [], ["a"], {"z": ["p"]})
+
+
+# --- end to end ----------------------------------------------------------------------------------
+
+def test_tiny_train_evaluate_report_through_the_cli(fixture, tmp_path):
+    """data -> train -> evaluate -> report on the fixture: 3 seeds x (CE, logit adjustment with tau
+    chosen on val from two values) plus one extra-image method, a tiny timm model, 1 epoch."""
+    spec, lists, _ = fixture
+    register_benchmark(spec.name, spec, overwrite=True)
+    root = _write_tree(tmp_path / "ILSVRC2012", lists)
+    gen = tmp_path / "generated"
+    for wnid in WNIDS[3:]:  # the few-shot classes get 4 images each
+        (gen / wnid).mkdir(parents=True)
+        for i in range(4):
+            (gen / wnid / f"{i}.png").write_bytes(_jpeg(WNIDS.index(wnid), 500 + i))
+    cfg = {"benchmarks": [spec.name], "image_roots": {spec.name: str(root)}, "data_dir": str(tmp_path / "data"),
+           "results_dir": str(tmp_path / "results"), "seeds": [0, 1, 2], "tau": [1.0, 2.0],
+           "extra_images": {"sd": str(gen)}, "progress": False,
+           "train": {"model": "test_resnet", "image_size": 12, "epochs": 1, "batch_size": 64, "lr": 0.05,
+                     "num_workers": 0, "amp": False, "device": "cpu"}}
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"longtail": cfg}))
+    torch.set_num_threads(1)
+    for stage in ("data", "train", "evaluate", "report"):
+        assert stages.main([stage, "--params", str(params)]) == 0
+    res = tmp_path / "results" / spec.name
+    rows = reports.read_accuracy_csv(res / "accuracy.csv")
+    assert {(r["method"], r["loss"], r["metric"]) for r in rows} == {
+        (m, loss, k) for m in ("real", "sd") for loss in ("ce", "logit-adjusted") for k in evaluation.METRICS}
+    assert all(r["seeds"] == 3 and 0 <= r["mean"] <= 1 and r["ci95"] >= 0 for r in rows)
+    hp = json.loads((res / "hparams.json").read_text())
+    assert {h["tau"] for h in hp["real/logit-adjusted"]["validation"]} == {1.0, 2.0}
+    assert hp["real/logit-adjusted"]["selected_on"].startswith("val split")
+    runs = {p.name: sorted(s.name for s in p.iterdir()) for p in (tmp_path / "data" / spec.name / "runs").iterdir()}
+    for method in ("real", "sd"):  # ce, and both taus on seed 0 of which the chosen one trained seeds 1 and 2
+        chosen = hp[f"{method}/logit-adjusted"]["selected"]["tau"]
+        mine = {name: seeds for name, seeds in runs.items() if name.startswith(f"{method}-")}
+        assert sorted(mine.values()) == [["seed0"], ["seed0", "seed1", "seed2"], ["seed0", "seed1", "seed2"]]
+        assert [n for n, seeds in mine.items() if seeds == ["seed0"]][0].startswith(
+            f"{method}-logit-adjusted-tau{3.0 - chosen:g}-")
+    configs = [json.loads(c.read_text()) for c in (tmp_path / "data" / spec.name / "runs").glob("sd-*/seed0/config.json")]
+    assert configs and all(c["train_images"] == sum(TRAIN) + 8 and c["real_train_images"] == sum(TRAIN) for c in configs)
+    md = (res / "accuracy.md").read_text()
+    assert "| method | loss | many (1 class) | medium (2 classes) | few (2 classes) | overall |" in md
+    assert md.count("| real |") == 2 and md.count("| sd |") == 2
+    metrics = json.loads((res / "metrics.json").read_text())
+    assert set(metrics[spec.name]["real"]["ce"]) == set(evaluation.METRICS)
+    per_class = reports.read_class_csv(res / "per_class.csv")
+    assert sorted({(r["class_name"], r["train_images"], r["group"]) for r in per_class}) == sorted(
+        zip(WNIDS, TRAIN, ("many", "medium", "medium", "few", "few")))
+    with Image.open(res / "per_class_accuracy.png") as im:
+        assert im.size[0] > 2 * im.size[1]  # one panel per loss, side by side
+    # a rerun of train finds every model and trains nothing
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "data").rglob("predictions.npz")}
+    assert stages.main(["train", "--params", str(params)]) == 0
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "data").rglob("predictions.npz")} == before
