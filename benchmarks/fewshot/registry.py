@@ -163,13 +163,14 @@ def _miniimagenet() -> BenchmarkSpec:
     names = imagenet_names()
     classes = shipped_split("miniimagenet")
     return BenchmarkSpec(
-        name="miniimagenet", hf_id="GATE-engine/mini_imagenet",
+        name="miniimagenet", hf_id="timm/mini-imagenet",
         classes=classes,
-        source_splits={"train": "train", "validation": "val", "test": "test"},
-        # plain int64 labels, assumed to follow ascending wnid order within each split, the order of
-        # classes.json (and of sorted class folders); the integrity check catches a count mismatch
-        label_mode="per_split_rank",
-        images_per_class=600, images_per_split={"train": 38400, "val": 9600, "test": 12000},
+        # The hub copy holds all 100 classes in each split, labelled by wnid (ClassLabel names):
+        # train 500 + validation 100 images per class (the 600 of Vinyals et al.), test 50 more per
+        # class from ImageNet-1k's validation set, which miniImageNet never had (left out). Pooled,
+        # then split by wnid with the shipped Ravi & Larochelle class lists.
+        source_splits={"train": "*", "validation": "*"},
+        images_per_class=600, images_per_split={"train": 38400, "val": 9600, "test": 12000}, total_images=60000,
         image_size=84, display_names={w: names[w] for s in SPLITS for w in classes[s]})
 
 
@@ -179,7 +180,7 @@ def _cifar_fs() -> BenchmarkSpec:
         classes=shipped_split("cifar-fs"),
         source_splits={"train": "*", "test": "*"},  # 500 + 100 images per class pooled, as in Bertinetto et al.
         image_column="img", label_column="fine_label",
-        name_aliases={"cra": "crab"},  # an old revision of the hub dataset misspelt this label name
+        name_aliases={"cra": "crab"},  # the hub's ClassLabel names spell class 26 "cra"
         images_per_class=600, images_per_split={"train": 38400, "val": 9600, "test": 12000},
         image_size=32)
 

@@ -168,6 +168,8 @@ def stage_synthesize(run: Run) -> None:
         ref_paths=lambda s: [refs_dir / f"{r:07d}.png" for r in s.rows], prompt_for=run.prompt, seed=run.p.seed)
     synthesis.write_manifest(rows, run.dir / "synthesis.csv")
     settings = {"cache_dir": str(run.dir / "generation-cache"), **run.p.synthesis.settings}
+    settings = synthesis.bind_class_labels(settings, sorted({run.spec.display_name(s.class_name) for s in supports}),
+                                           run.dir / "class-labels.txt")
     report = synthesis.run_manifest(rows, resolve=lambda m: synthesis.get_generator(m, settings), progress=run.p.progress)
     log.info("%s: %d images made, %d already there", run.spec.name, report.made, report.skipped)
     run.save_config("synthesize")

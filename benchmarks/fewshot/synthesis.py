@@ -75,7 +75,7 @@ def pipeline_generator(method: str, settings: dict | None = None) -> Generator:
     state: dict = {}
 
     def generate(prompt: str, ref_paths: list[Path], out_paths: list[Path], seed: int) -> None:
-        from pipelines.components import DEFAULT_MODEL_ID, load_components
+        from pipelines.components import DEFAULT_IMAGE_ENCODER_ID, DEFAULT_MODEL_ID, load_components
         from pipelines.generate import default_device, generate_concept
 
         dev = device or default_device()
@@ -84,7 +84,7 @@ def pipeline_generator(method: str, settings: dict | None = None) -> Generator:
             method_settings = dataclasses.replace(method_settings, dtype=kwargs["dtype"])
         if "components" not in state:  # loaded once, reused by every support set
             state["components"] = load_components(
-                kwargs.get("model", DEFAULT_MODEL_ID), kwargs.get("image_encoder") if m.needs_image_encoder else None,
+                kwargs.get("model", DEFAULT_MODEL_ID), kwargs.get("image_encoder", DEFAULT_IMAGE_ENCODER_ID) if m.needs_image_encoder else None,
                 device=dev, dtype=method_settings.dtype or "fp32")
         with tempfile.TemporaryDirectory(dir=Path(out_paths[0]).parent, prefix=".gen-") as tmp:
             records = generate_concept(
@@ -99,6 +99,21 @@ def pipeline_generator(method: str, settings: dict | None = None) -> Generator:
 
     generate.__name__ = f"pipelines:{method}"
     return generate
+
+
+BENCHMARK_CLASSES = "benchmark-classes"   # a classifier_labels value: the synthesised classes' display names
+
+
+def bind_class_labels(settings: dict, names: list[str], path: str | Path) -> dict:
+    """``settings`` with every per-method ``classifier_labels: benchmark-classes`` replaced by a file
+    (``path``, one name per line) of ``names``: e.g. DCT's zero-shot guide over the test classes."""
+    per_method = settings.get("methods") or {}
+    if not any(m.get("classifier_labels") == BENCHMARK_CLASSES for m in per_method.values()):
+        return settings
+    write_text_if_changed(path, "".join(f"{n}\n" for n in names))
+    bound = {k: ({**m, "classifier_labels": str(path)} if m.get("classifier_labels") == BENCHMARK_CLASSES else m)
+             for k, m in per_method.items()}
+    return {**settings, "methods": bound}
 
 
 def min_refs(method: str) -> int:
