@@ -289,11 +289,26 @@ def train_or_load_token(pipe: DctPipeline, classifier: ImageClassifier, class_na
     return token, path
 
 
+_GUIDES: dict[tuple, ImageClassifier] = {}
+
+
+def guide_classifier(s: DctSettings, device) -> ImageClassifier:
+    """The guiding classifier of ``s``, loaded once per process for a given (classifier, labels file
+    state, device): a benchmark runs DCT class after class, and reloading a ViT-H/14 CLIP for each
+    costs more than training a token at few steps. One guide is kept at a time."""
+    labels = s.classifier_labels
+    stamp = Path(labels).stat().st_mtime_ns if labels and Path(labels).is_file() else None
+    key = (s.classifier, s.classifier_checkpoint, labels, stamp, str(device))
+    if key not in _GUIDES:
+        _GUIDES.clear()
+        _GUIDES[key] = load_classifier(s.classifier, s.classifier_checkpoint, labels, device=device, for_guidance=True)
+    return _GUIDES[key]
+
+
 def _run_dct(pipe: DctPipeline, job: Job, callback) -> None:
     """Registry adapter: train (or reuse) the token of class ``job.prompt``, then generate."""
     s = job.settings
-    classifier = load_classifier(s.classifier, s.classifier_checkpoint, s.classifier_labels, device=pipe.device,
-                                 for_guidance=True)
+    classifier = guide_classifier(s, pipe.device)
     token, path = train_or_load_token(pipe, classifier, job.prompt, job.cache_dir, s, progress=job.progress)
     record = {"token_file": str(path), "class_index": token.class_index, "classifier": classifier.source,
               "token_record": {k: v for k, v in token.record.items() if k != "settings"}}

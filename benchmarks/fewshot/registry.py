@@ -43,6 +43,7 @@ class BenchmarkSpec:
     images_per_class: int | None = None     # exact count every class must have, if the benchmark fixes one
     images_per_split: dict[str, int] = field(default_factory=dict)  # exact totals, if known
     total_images: int | None = None          # exact total over the three splits, if known
+    counts_source: str | None = None         # the id whose content the exact counts describe (None: any source)
     min_images_per_class: int = 20           # K=5 support + 15 queries
     image_size: int = 84                     # the classic resolution of the benchmark
     display_names: dict[str, str] = field(default_factory=dict)  # class -> human-readable name for prompts
@@ -86,6 +87,12 @@ class BenchmarkSpec:
         if "." in name and name.split(".", 1)[0].isdigit():
             name = name.split(".", 1)[1]
         return name.replace("_", " ")
+
+    @property
+    def exact_counts_apply(self) -> bool:
+        """The exact counts are facts of one dataset id; another source (a local folder, a copy under
+        another id) is checked for its class sets, the minimum per class and its own dataset card."""
+        return self.counts_source is None or self.hf_id == self.counts_source
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -156,7 +163,7 @@ def _cub() -> BenchmarkSpec:
         name="cub", hf_id="bentrevett/caltech-ucsd-birds-200-2011",
         classes=cub_split_by_rule(folders),
         source_splits={"train": "*", "test": "*"},  # the official train/test split is not the few-shot split
-        total_images=11788, image_size=84)
+        total_images=11788, counts_source="bentrevett/caltech-ucsd-birds-200-2011", image_size=84)
 
 
 def _miniimagenet() -> BenchmarkSpec:
@@ -171,7 +178,7 @@ def _miniimagenet() -> BenchmarkSpec:
         # then split by wnid with the shipped Ravi & Larochelle class lists.
         source_splits={"train": "*", "validation": "*"},
         images_per_class=600, images_per_split={"train": 38400, "val": 9600, "test": 12000}, total_images=60000,
-        image_size=84, display_names={w: names[w] for s in SPLITS for w in classes[s]})
+        counts_source="timm/mini-imagenet", image_size=84, display_names={w: names[w] for s in SPLITS for w in classes[s]})
 
 
 def _cifar_fs() -> BenchmarkSpec:
@@ -182,7 +189,7 @@ def _cifar_fs() -> BenchmarkSpec:
         image_column="img", label_column="fine_label",
         name_aliases={"cra": "crab"},  # the hub's ClassLabel names spell class 26 "cra"
         images_per_class=600, images_per_split={"train": 38400, "val": 9600, "test": 12000},
-        image_size=32)
+        counts_source="uoft-cs/cifar100", image_size=32)
 
 
 _REGISTRY: dict[str, Callable[[], BenchmarkSpec]] = {
