@@ -123,3 +123,16 @@ def test_fewshot_cli_exits_2_on_an_unreachable_dataset(tmp_path):
     assert last.startswith(f"error: benchmark 'miniimagenet': dataset {MISSING!r}")
     assert "fewshot.dataset_ids.miniimagenet" in last and "Traceback" not in run.stderr
     assert not (tmp_path / "data").exists() and not (tmp_path / "results").exists()
+
+
+def test_benchmark_synthesis_defaults_to_the_papers_image_encoder(monkeypatch, tmp_path):
+    """Without an ``image_encoder`` setting SeedSelect asks for the LAION encoder (here: offline, not
+    cached, so the one-line hub error) instead of building a pipeline without one."""
+    from benchmarks.fewshot.synthesis import pipeline_generator
+    from pipelines.components import DEFAULT_IMAGE_ENCODER_ID
+    from pipelines.testing import save_tiny_pipeline
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    generate = pipeline_generator("seedselect", {"model": str(save_tiny_pipeline(tmp_path / "sd")), "device": "cpu"})
+    with pytest.raises(hub.HubUnavailableError, match=f"image encoder {DEFAULT_IMAGE_ENCODER_ID!r}"):
+        generate("a photo of a crab", [], [tmp_path / "out.png"], 0)

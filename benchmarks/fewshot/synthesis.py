@@ -83,9 +83,9 @@ def pipeline_generator(method: str, settings: dict | None = None) -> Generator:
         if kwargs.get("dtype"):
             method_settings = dataclasses.replace(method_settings, dtype=kwargs["dtype"])
         if "components" not in state:  # loaded once, reused by every support set
-            state["components"] = load_components(
-                kwargs.get("model", DEFAULT_MODEL_ID), kwargs.get("image_encoder", DEFAULT_IMAGE_ENCODER_ID) if m.needs_image_encoder else None,
-                device=dev, dtype=method_settings.dtype or "fp32")
+            encoder = kwargs.get("image_encoder", DEFAULT_IMAGE_ENCODER_ID) if m.needs_image_encoder else None
+            state["components"] = load_components(kwargs.get("model", DEFAULT_MODEL_ID), encoder, device=dev,
+                                                  dtype=method_settings.dtype or "fp32")
         with tempfile.TemporaryDirectory(dir=Path(out_paths[0]).parent, prefix=".gen-") as tmp:
             records = generate_concept(
                 method, prompt, [str(p) for p in ref_paths], tmp, len(out_paths), method_settings, seed,
