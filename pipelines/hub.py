@@ -68,16 +68,19 @@ def ensure_available(repo_id: str | os.PathLike, repo_type: str = "model", what:
         from huggingface_hub import HfApi
 
         api = HfApi()
+    gated = "is gated: accept its terms on the hub and set HF_TOKEN"
     try:
-        api.repo_info(repo_id, repo_type=repo_type, timeout=timeout)
+        info = api.repo_info(repo_id, repo_type=repo_type, timeout=timeout)
     except errors.GatedRepoError:
-        raise unavailable(repo_id, "is gated: accept its terms on the hub and set HF_TOKEN", what, setting) from None
+        raise unavailable(repo_id, gated, what, setting) from None
     except errors.RepositoryNotFoundError:
         raise unavailable(repo_id, "does not exist on the hub (or is private)", what, setting) from None
     except Exception as e:  # noqa: BLE001 - DNS, TLS, proxy, timeout, 5xx: all mean "cannot be reached now"
         cached = " (a cached copy exists: HF_HUB_OFFLINE=1 uses it)" if _cached(repo_id, repo_type) else ""
         raise unavailable(repo_id, f"cannot be reached ({type(e).__name__}: {_first_line(e)}){cached}", what,
                           setting) from None
+    if getattr(info, "gated", False) and _token() is None:  # metadata is public, files are not
+        raise unavailable(repo_id, gated, what, setting)
 
 
 def dataset_load_error(repo_id: str, error: Exception, what: str, setting: str) -> HubUnavailableError | None:
@@ -88,8 +91,16 @@ def dataset_load_error(repo_id: str, error: Exception, what: str, setting: str) 
     if is_hub_id(repo_id) and isinstance(error, (ConnectionError, errors.LocalEntryNotFoundError,
                                                  errors.RepositoryNotFoundError)):
         where = "is not in the local cache (HF_HUB_OFFLINE is set)" if offline() else "cannot be loaded"
+        if isinstance(error, errors.GatedRepoError):
+            where = "is gated: accept its terms on the hub and set HF_TOKEN"
         return unavailable(repo_id, f"{where} ({type(error).__name__}: {_first_line(error)})", what, setting)
     return None
+
+
+def _token() -> str | None:
+    from huggingface_hub import get_token
+
+    return get_token()
 
 
 def _cached(repo_id: str, repo_type: str) -> bool:

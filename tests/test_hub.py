@@ -136,3 +136,16 @@ def test_benchmark_synthesis_defaults_to_the_papers_image_encoder(monkeypatch, t
     generate = pipeline_generator("seedselect", {"model": str(save_tiny_pipeline(tmp_path / "sd")), "device": "cpu"})
     with pytest.raises(hub.HubUnavailableError, match=f"image encoder {DEFAULT_IMAGE_ENCODER_ID!r}"):
         generate("a photo of a crab", [], [tmp_path / "out.png"], 0)
+
+
+def test_gated_repo_without_a_token_says_so(monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "_token", lambda: None)
+    with pytest.raises(hub.HubUnavailableError, match="is gated: accept its terms on the hub and set HF_TOKEN"):
+        hub.ensure_available(MISSING, repo_type="dataset", api=FakeApi(info=SimpleNamespace(gated="auto")))
+    monkeypatch.setattr(hub, "_token", lambda: "hf_x")
+    hub.ensure_available(MISSING, repo_type="dataset", api=FakeApi(info=SimpleNamespace(gated="auto")))
+    hub.ensure_available(MISSING, api=FakeApi(info=SimpleNamespace(gated=False)))
