@@ -149,3 +149,19 @@ def test_gated_repo_without_a_token_says_so(monkeypatch):
     monkeypatch.setattr(hub, "_token", lambda: "hf_x")
     hub.ensure_available(MISSING, repo_type="dataset", api=FakeApi(info=SimpleNamespace(gated="auto")))
     hub.ensure_available(MISSING, api=FakeApi(info=SimpleNamespace(gated=False)))
+
+
+def test_fewshot_cli_exits_2_when_a_generator_cannot_reach_its_model(monkeypatch, capsys):
+    """Models are loaded inside a generator, whose errors run_manifest wraps: the CLI unwraps them."""
+    import benchmarks.fewshot.__main__ as cli
+    from benchmarks.fewshot.synthesis import SynthesisError
+
+    def fail():
+        raise SynthesisError("method 'sd', class 'crab': generator failed") from hub.unavailable(MISSING, "cannot be reached")
+
+    monkeypatch.setattr(cli, "main", fail)
+    assert cli.run() == 2
+    assert capsys.readouterr().err.strip().startswith(f"error: model {MISSING!r} cannot be reached")
+    monkeypatch.setattr(cli, "main", lambda: (_ for _ in ()).throw(SynthesisError("a real bug")))
+    with pytest.raises(SynthesisError, match="a real bug"):
+        cli.run()
