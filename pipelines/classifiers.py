@@ -3,12 +3,16 @@ folder) or a timm architecture with a checkpoint. Used to *guide* generation (Di
 Tokens) and, as a separate instance, to *score* it: the preprocessing is differentiable so a
 classifier loss can reach the generator.
 
-``load_classifier("google/vit-large-patch16-224")`` or
-``load_classifier("timm:resnet50", checkpoint="ckpt.pth", labels="labels.txt")``.
+``load_classifier("google/vit-large-patch16-224")``,
+``load_classifier("timm:resnet50", checkpoint="ckpt.pth", labels="labels.txt")`` or
+``load_classifier("clip-zeroshot:laion/CLIP-ViT-H-14-laion2B-s32B-b79K", labels=["house finch", ...])``: a
+zero-shot CLIP classifier over the given label names ("a photo of a {label}"), trained on no
+benchmark image.
 """
 from __future__ import annotations
 
 import difflib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +22,8 @@ import torch
 import torch.nn.functional as F
 
 TIMM_PREFIX = "timm:"
+CLIP_ZEROSHOT_PREFIX = "clip-zeroshot:"
+CLIP_ZEROSHOT_TEMPLATE = "a photo of a {}"
 # Benchmark code marks every classifier that *scores* generated images with this file; such a model
 # may never *guide* generation (a method optimised against its own judge would score itself).
 EVALUATOR_MARKER = "fidelity_evaluator.json"
@@ -32,7 +38,8 @@ def mark_as_evaluator(folder: str | os.PathLike) -> Path:
 
 def check_not_evaluator(source: str | os.PathLike, checkpoint: str | os.PathLike | None = None) -> None:
     """Raise if ``source`` or ``checkpoint`` belongs to a folder marked as a fidelity evaluator."""
-    candidates = [Path(str(source))] if not str(source).startswith(TIMM_PREFIX) else []
+    source = str(source)
+    candidates = [Path(source.removeprefix(CLIP_ZEROSHOT_PREFIX))] if not source.startswith(TIMM_PREFIX) else []
     if checkpoint is not None:
         candidates += [Path(checkpoint), Path(checkpoint).parent]
     for folder in candidates:
@@ -53,7 +60,7 @@ class ImageClassifier:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     source: str = ""
-    kind: str = "module"  # "transformers", "timm" or "module"
+    kind: str = "module"  # "transformers", "timm", "clip-zeroshot" or "module"
 
     def __post_init__(self) -> None:
         self.model.eval().requires_grad_(False)
@@ -120,14 +127,17 @@ def load_classifier(source: str | os.PathLike, checkpoint: str | os.PathLike | N
                     labels: str | os.PathLike | Sequence[str] | None = None,
                     device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                     for_guidance: bool = False) -> ImageClassifier:
-    """A transformers image classifier (hub id or folder), or ``timm:<architecture>`` with a
-    checkpoint (``labels``: a text file with one class name per line, or a list). With
-    ``for_guidance`` a classifier marked as a fidelity evaluator is refused."""
+    """A transformers image classifier (hub id or folder), ``timm:<architecture>`` with a
+    checkpoint, or ``clip-zeroshot:<CLIP id or folder>`` (``labels``: a text file with one class
+    name per line, or a list; required by the zero-shot kind). With ``for_guidance`` a classifier
+    marked as a fidelity evaluator is refused."""
     source = str(source)
     if for_guidance:
         check_not_evaluator(source, checkpoint)
     if source.startswith(TIMM_PREFIX):
         clf = _load_timm(source[len(TIMM_PREFIX):], checkpoint, labels)
+    elif source.startswith(CLIP_ZEROSHOT_PREFIX):
+        clf = _load_clip_zeroshot(source[len(CLIP_ZEROSHOT_PREFIX):], labels)
     else:
         clf = _load_transformers(source, labels)
     return clf.to(device=device, dtype=dtype)
@@ -147,9 +157,7 @@ def _label_list(labels: str | os.PathLike | Sequence[str] | None) -> list[str] |
 def _load_transformers(source: str, labels) -> ImageClassifier:
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-    local = Path(source).exists() or source.startswith((".", "/", "~")) or source.count("/") != 1
-    if local and not Path(source).is_dir():
-        raise FileNotFoundError(f"classifier folder not found: {source}")
+    _check_source(source)
     model = AutoModelForImageClassification.from_pretrained(source)
     proc = AutoImageProcessor.from_pretrained(source)
     names = _label_list(labels) or [model.config.id2label[i] for i in range(model.config.num_labels)]
@@ -184,3 +192,60 @@ def _load_timm(name: str, checkpoint, labels) -> ImageClassifier:
     resize = int(round(min(size) / float(cfg.get("crop_pct", 1.0))))
     return ImageClassifier(model, names, size, resize, tuple(cfg["mean"]), tuple(cfg["std"]),
                            source=f"{TIMM_PREFIX}{name}", kind="timm")
+
+
+def _check_source(source: str) -> None:
+    from .hub import ensure_available, is_hub_id
+
+    if not is_hub_id(source) and not Path(source).is_dir():
+        raise FileNotFoundError(f"classifier folder not found: {source}")
+    ensure_available(source, what="classifier", setting="--classifier")
+
+
+class ClipZeroShotHead(torch.nn.Module):
+    """CLIP's image tower and projection, scored by cosine against fixed text embeddings of the
+    label prompts, times CLIP's logit scale: logits (B, num_labels)."""
+
+    def __init__(self, vision_model: torch.nn.Module, visual_projection: torch.nn.Module,
+                 text_embeds: torch.Tensor, logit_scale: torch.Tensor):
+        super().__init__()
+        self.vision_model, self.visual_projection = vision_model, visual_projection
+        self.register_buffer("text_embeds", F.normalize(text_embeds, dim=-1))
+        self.register_buffer("logit_scale", logit_scale.detach().exp().reshape(()))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        pooled = self.vision_model(pixel_values=pixel_values).pooler_output
+        image = F.normalize(self.visual_projection(pooled), dim=-1)
+        return self.logit_scale * image @ self.text_embeds.T
+
+
+def _load_clip_zeroshot(source: str, labels) -> ImageClassifier:
+    """Zero-shot CLIP over ``labels``; the text tower is run once for the prompts, then dropped."""
+    import hashlib
+
+    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+
+    names = _label_list(labels)
+    if not names:
+        raise ValueError(f"{CLIP_ZEROSHOT_PREFIX}{source} needs labels (a file with one class name per line, or a list)")
+    normalised = [_norm(n) for n in names]
+    repeated = sorted({n for n in normalised if normalised.count(n) > 1})
+    if repeated:
+        raise ValueError(f"{CLIP_ZEROSHOT_PREFIX}{source}: repeated label names {repeated[:5]}")
+    _check_source(source)
+    clip = CLIPModel.from_pretrained(source)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    proc = CLIPImageProcessor.from_pretrained(source)
+    prompts = [CLIP_ZEROSHOT_TEMPLATE.format(n) for n in names]
+    with torch.no_grad():
+        tok = tokenizer(prompts, padding=True, truncation=True, return_tensors="pt")
+        text = clip.text_projection(clip.text_model(input_ids=tok.input_ids, attention_mask=tok.attention_mask).pooler_output)
+    head = ClipZeroShotHead(clip.vision_model, clip.visual_projection, text, clip.logit_scale)
+    crop = proc.crop_size if getattr(proc, "do_center_crop", True) else proc.size
+    size = (int(crop["height"]), int(crop["width"]))
+    resize = int(proc.size.get("shortest_edge") or min(size))
+    # the labels and the prompt template define this classifier: they are part of its name (DCT
+    # caches tokens by classifier source)
+    digest = hashlib.sha256(json.dumps([CLIP_ZEROSHOT_TEMPLATE, names]).encode()).hexdigest()[:12]
+    return ImageClassifier(head, names, size, resize, tuple(proc.image_mean), tuple(proc.image_std),
+                           source=f"{CLIP_ZEROSHOT_PREFIX}{source}#labels-{digest}", kind="clip-zeroshot")

@@ -273,8 +273,7 @@ class DctPipeline(ConceptPipeline):
                          settings, **overrides)
         s = plan.settings
         if classifier is None:
-            classifier = load_classifier(s.classifier, s.classifier_checkpoint, s.classifier_labels,
-                                         device=self.device, for_guidance=True)
+            classifier = guide_classifier(s, self.device)
         results: dict[tuple[int, int], ImageResult] = {}
         for c, name in enumerate(plan.prompts):
             pairs = [(cc, i) for cc, i in plan.pairs if cc == c]
@@ -329,6 +328,22 @@ def train_or_load_token(pipe: DctPipeline, classifier: ImageClassifier, class_na
     token = pipe.train_token(class_name, classifier, index, settings, progress=progress)
     token.save(path)
     return token, path
+
+
+_GUIDES: dict[tuple, ImageClassifier] = {}
+
+
+def guide_classifier(s: DctSettings, device) -> ImageClassifier:
+    """The guiding classifier of ``s``, loaded once per process for a given (classifier, labels file
+    state, device): a benchmark runs DCT class after class, and reloading a ViT-H/14 CLIP for each
+    costs more than training a token at few steps. One guide is kept at a time."""
+    labels = s.classifier_labels
+    stamp = Path(labels).stat().st_mtime_ns if labels and Path(labels).is_file() else None
+    key = (s.classifier, s.classifier_checkpoint, labels, stamp, str(device))
+    if key not in _GUIDES:
+        _GUIDES.clear()
+        _GUIDES[key] = load_classifier(s.classifier, s.classifier_checkpoint, labels, device=device, for_guidance=True)
+    return _GUIDES[key]
 
 
 register_method(Method(

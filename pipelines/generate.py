@@ -126,8 +126,8 @@ def generate_concepts(method: str, concepts: Sequence[Concept | tuple], out_dir:
     (``model``/``image_encoder`` are then only used as ids when the components carry none). Reference
     encodings, inversions, NAO paths and DCT tokens are cached in ``cache_dir`` (default
     ``out_dir/cache``). ``concept_dirs`` (default: when there are several concepts) writes each
-    concept into ``out_dir/<concept>/``. Models are loaded before anything is written, so a model that
-    cannot be loaded leaves the output folder untouched."""
+    concept into ``out_dir/<concept>/``. Nothing is written before the first image is made, so a model
+    or classifier that cannot be loaded leaves the output folder untouched."""
     m = get_method(method)
     device = device or default_device()
     settings = resolve_settings(m, settings, preset, device, dtype)
@@ -176,10 +176,6 @@ def generate_concepts(method: str, concepts: Sequence[Concept | tuple], out_dir:
             components.to(device=device, dtype=resolve_dtype(settings.dtype))
         pipe = m.pipeline_cls.from_components(components)
         pipe.model_id, pipe.image_encoder_id = model_id, enc_id
-    for k, cfg in enumerate(configs):
-        config = {**cfg, "preset": preset, "num_images": num_images, "device": device, "versions": _versions()}
-        _write_if_changed(dirs[k] / f"{runs[k]}.config.json",
-                          (json.dumps(config, indent=2, sort_keys=True, default=str) + "\n").encode())
     if any(todo.values()):
         extra = {}
         if getattr(settings, "bootstrap", False):  # SeedSelect: the finished z* (image 0) of resumed concepts
@@ -192,8 +188,17 @@ def generate_concepts(method: str, concepts: Sequence[Concept | tuple], out_dir:
         total = num_images * len(concepts)
         bar = tqdm(total=total, initial=done, desc=f"{m.name} {len(concepts)} concept(s)", disable=not progress)
 
+        configured: set[int] = set()
+
         def save(result: ImageResult) -> None:
-            _save(dirs[result.concept], runs[result.concept], result, configs[result.concept], device)
+            k = result.concept
+            if k not in configured:  # with its first image: a run that fails before any image writes nothing
+                config = {**configs[k], "preset": preset, "num_images": num_images, "device": device,
+                          "versions": _versions()}
+                _write_if_changed(dirs[k] / f"{runs[k]}.config.json",
+                                  (json.dumps(config, indent=2, sort_keys=True, default=str) + "\n").encode())
+                configured.add(k)
+            _save(dirs[k], runs[k], result, configs[k], device)
             bar.update(1)
 
         try:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .hub import ensure_available, is_hub_id
+
 log = logging.getLogger(__name__)
 
 # Stability AI took stabilityai/stable-diffusion-2-1-base off the hub in November 2025; the community
@@ -117,6 +119,9 @@ def load_components(model: str | os.PathLike = DEFAULT_MODEL_ID,
     model = str(model)
     if _looks_local(model) and not Path(model).is_dir():
         raise FileNotFoundError(f"model folder not found: {model}")
+    ensure_available(model, what="model", setting="--model")
+    if image_encoder is not None:
+        ensure_available(image_encoder, what="image encoder", setting="--image-encoder")
     dt = resolve_dtype(dtype)
     vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dt)
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dt)
@@ -143,5 +148,4 @@ def load_components(model: str | os.PathLike = DEFAULT_MODEL_ID,
 
 
 def _looks_local(name: str) -> bool:
-    """A hub id is ``owner/name``; anything else (or an existing path) is a local folder."""
-    return Path(name).exists() or name.startswith((".", "/", "~")) or name.count("/") != 1
+    return not is_hub_id(name)

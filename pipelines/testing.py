@@ -169,3 +169,26 @@ def save_tiny_image_encoder(folder: str | os.PathLike, sizes: TinySizes = TinySi
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return Path(folder)
+
+
+def save_tiny_clip(folder: str | os.PathLike, sizes: TinySizes = TinySizes(), seed: int = 4) -> Path:
+    """Write a transformers folder of a tiny full ``CLIPModel`` (text and vision towers, the real
+    CLIP tokenizer, an image processor): loadable as SeedSelect's image encoder
+    (``CLIPVisionModelWithProjection``) and as a zero-shot classifier, like the LAION ViT-H/14 repo."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    _seeded(seed)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=49408, hidden_size=sizes.clip_dim, intermediate_size=2 * sizes.clip_dim,
+                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+                         projection_dim=sizes.projection_dim),
+        vision_config=dict(hidden_size=sizes.clip_dim, intermediate_size=2 * sizes.clip_dim, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=sizes.clip_size, patch_size=8,
+                           projection_dim=sizes.projection_dim),
+        projection_dim=sizes.projection_dim)
+    CLIPModel(config).eval().save_pretrained(folder)
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": sizes.clip_size}, crop_size={"height": sizes.clip_size, "width": sizes.clip_size})
+    CLIPProcessor(image_processor=processor, tokenizer=tiny_tokenizer()).save_pretrained(folder)
+    return Path(folder)

@@ -126,8 +126,8 @@ def test_unknown_source_label_is_reported(source, tmp_path):
 
 
 def test_plain_integer_labels_map_by_rank_within_each_split(tmp_path):
-    """miniImageNet's hub copy stores int labels per split; offsets (4..6 for val) must map to the
-    split's classes in order, and a split with too few labels is an error."""
+    """A source that stores plain int labels per split (e.g. GATE-engine/mini_imagenet): offsets
+    (4..6 for val) must map to the split's classes in order, and a split with too few labels is an error."""
     from dataclasses import replace
 
     from fewshot_digits import digit_images
@@ -169,3 +169,75 @@ def test_shipped_split_files_are_the_published_bytes():
     root = resources.files("benchmarks.fewshot").joinpath("splits")
     got = {name: hashlib.sha256(root.joinpath(*name.split("/")).read_bytes()).hexdigest()[:16] for name in expected}
     assert got == expected
+
+
+def test_mini_imagenet_in_the_timm_schema_is_split_by_wnid(tmp_path):
+    """timm/mini-imagenet: every class in every hub split, labelled by wnid; train + validation pooled
+    (600 per class), test (ImageNet-1k validation images) left out; then split by the shipped lists."""
+    from hub_fixtures import write_mini_imagenet
+
+    src = str(write_mini_imagenet(tmp_path / "src"))  # the hub's counts: the exact figures apply to it
+    spec = get_benchmark("miniimagenet", hf_id=src, counts_source=src)
+    ds = data.load_prepared(spec, data.prepare(spec, tmp_path / "prep", cache_dir=str(tmp_path / "hf"),
+                                               check_images=False, progress=False))
+    counts = data.count_images(ds)
+    assert ds.num_rows == 60000 and set(counts.values()) == {600}
+    assert counts[("test", "n01930112")] == 600 and counts[("train", "n01532829")] == 600
+    assert spec.display_name("n01930112") == "nematode"
+
+
+def test_mini_imagenet_label_that_is_not_a_known_wnid_fails_loudly(tmp_path):
+    from hub_fixtures import write_mini_imagenet
+
+    src = write_mini_imagenet(tmp_path / "src", per_split={"train": 1, "validation": 1},
+                              rename={"n01930112": "n99999999"})
+    with pytest.raises(data.DatasetIntegrityError, match="no class 'n99999999'"):
+        data.prepare(get_benchmark("miniimagenet", hf_id=str(src)), tmp_path / "prep", cache_dir=str(tmp_path / "hf"),
+                     progress=False)
+    assert not (tmp_path / "prep").exists()
+
+
+def test_mini_imagenet_missing_class_fails_the_class_count(tmp_path):
+    from hub_fixtures import write_mini_imagenet
+
+    spec = get_benchmark("miniimagenet", hf_id=str(write_mini_imagenet(tmp_path / "src", per_split={"train": 1})))
+    source = datasets.load_dataset(spec.hf_id, cache_dir=str(tmp_path / "hf"))
+    source = datasets.DatasetDict({"train": source["train"].filter(lambda r: r["label"] != 0),
+                                   "validation": source["train"].select([])})
+    with pytest.raises(data.DatasetIntegrityError, match=r"split 'train': 63 classes, expected 64; missing \['n01532829'\]"):
+        data.prepare(spec, tmp_path / "prep", source=source, check_images=False, progress=False)
+
+
+def test_cifar_label_cra_is_prompted_as_crab(tmp_path):
+    """The hub's CIFAR-100 label names spell class 26 "cra"; the class and every prompt say crab."""
+    from pathlib import Path
+
+    from hub_fixtures import write_cifar100
+
+    from benchmarks.fewshot.stages import FewShotParams, Run
+    from benchmarks.params import load_section
+    from pipelines.prompts import format_prompt
+
+    src = write_cifar100(tmp_path / "src", per_split={"train": 1, "test": 1})
+    source = datasets.load_dataset(str(src), cache_dir=str(tmp_path / "hf"))
+    assert source["train"].features["fine_label"].names[26] == "cra"
+    spec = get_benchmark("cifar-fs", hf_id=str(src))
+    names = data.canonicalize(spec, source)["class_name"]
+    assert names[26] == "crab" and "cra" not in names
+    p = load_section(FewShotParams, "fewshot", Path(__file__).parents[1] / "profiles" / "paper" / "params.yaml")
+    template = p.synthesis.settings["methods"]["seedselect"]["prompt_template"]
+    assert format_prompt(Run(p, "cifar-fs").prompt(names[26]), template) == "a photo of a crab"
+
+
+def test_exact_counts_are_facts_of_the_id_they_describe(source, tmp_path):
+    """A source other than the one the exact counts describe is checked for its classes and minimum
+    per class only, and the integrity record says so; the same figures bind their own id."""
+    from dataclasses import replace
+
+    bigger = replace(digits_spec(source, per_class=PER_CLASS + 1), counts_source="owner/the-hub-copy",
+                     min_images_per_class=PER_CLASS)
+    out = data.prepare(bigger, tmp_path / "prep", cache_dir=str(tmp_path / "hf"), check_images=False, progress=False)
+    assert json.loads((out / "integrity.json").read_text())["exact_counts"].startswith(
+        "not checked: the source is not owner/the-hub-copy")
+    with pytest.raises(data.DatasetIntegrityError, match="expected 25"):
+        data.verify(data.load_prepared(bigger, out), replace(bigger, counts_source=str(source)), check_images=False)

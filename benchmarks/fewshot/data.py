@@ -21,6 +21,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from benchmarks.fewshot.registry import SPLITS, BenchmarkSpec, unknown_error
+from pipelines.hub import dataset_load_error, ensure_available
 from pipelines.io import write_json
 
 INTEGRITY_FILE = "integrity.json"
@@ -30,9 +31,21 @@ class DatasetIntegrityError(ValueError):
     """A downloaded or prepared dataset does not match its benchmark's expected structure."""
 
 
+DATASET_SETTING = "fewshot.dataset_ids"
+
+
 def load_source(spec: BenchmarkSpec, cache_dir: str | None = None) -> datasets.DatasetDict:
-    """The real download path: every source split of ``spec.hf_id`` as a ``DatasetDict``."""
-    return datasets.load_dataset(spec.hf_id, spec.hf_config, cache_dir=cache_dir)
+    """The real download path: every source split of ``spec.hf_id`` as a ``DatasetDict``. A hub id
+    that cannot be reached (or, offline, is not cached) raises :class:`HubUnavailableError` at once."""
+    what = f"benchmark {spec.name!r}: dataset"
+    ensure_available(spec.hf_id, repo_type="dataset", what=what, setting=f"{DATASET_SETTING}.{spec.name}")
+    try:
+        return datasets.load_dataset(spec.hf_id, spec.hf_config, cache_dir=cache_dir)
+    except Exception as e:
+        error = dataset_load_error(spec.hf_id, e, what, f"{DATASET_SETTING}.{spec.name}")
+        if error is None:
+            raise
+        raise error from None
 
 
 def _class_names(spec: BenchmarkSpec, ds: datasets.Dataset, source_split: str, target: str) -> list[str]:
@@ -92,10 +105,12 @@ def count_images(ds: datasets.Dataset) -> Counter:
 
 
 def verify(ds: datasets.Dataset, spec: BenchmarkSpec, check_images: bool = True, progress: bool = True) -> dict:
-    """Check class counts per split, images per class, totals and (optionally) that every image
-    decodes. Raises :class:`DatasetIntegrityError` listing every mismatch; returns the counts."""
+    """Check class counts per split, images per class, totals (the exact figures only for the source
+    they describe, ``spec.exact_counts_apply``) and (optionally) that every image decodes. Raises
+    :class:`DatasetIntegrityError` listing every mismatch; returns the counts."""
     problems: list[str] = []
     counts = count_images(ds)
+    exact = spec.exact_counts_apply
     for split in SPLITS:
         expected = set(spec.classes[split])
         present = {c for (s, c) in counts if s == split}
@@ -106,14 +121,14 @@ def verify(ds: datasets.Dataset, spec: BenchmarkSpec, check_images: bool = True,
                             + (f"; unexpected {extra[:5]}" if extra else ""))
         for c in sorted(present & expected):
             n = counts[(split, c)]
-            if spec.images_per_class is not None and n != spec.images_per_class:
+            if exact and spec.images_per_class is not None and n != spec.images_per_class:
                 problems.append(f"class {c!r} ({split}): {n} images, expected {spec.images_per_class}")
             elif n < spec.min_images_per_class:
                 problems.append(f"class {c!r} ({split}): {n} images, fewer than the minimum {spec.min_images_per_class}")
         total = sum(n for (s, _), n in counts.items() if s == split)
-        if split in spec.images_per_split and total != spec.images_per_split[split]:
+        if exact and split in spec.images_per_split and total != spec.images_per_split[split]:
             problems.append(f"split {split!r}: {total} images, expected {spec.images_per_split[split]}")
-    if spec.total_images is not None and ds.num_rows != spec.total_images:
+    if exact and spec.total_images is not None and ds.num_rows != spec.total_images:
         problems.append(f"{ds.num_rows} images in total, expected {spec.total_images}")
     if not problems and check_images:
         problems += _undecodable(ds, spec, progress)
@@ -122,7 +137,10 @@ def verify(ds: datasets.Dataset, spec: BenchmarkSpec, check_images: bool = True,
                                     + "\n  ".join(problems[:50]) + (f"\n  … and {len(problems) - 50} more" if len(problems) > 50 else ""))
     return {"splits": {s: {"classes": len(spec.classes[s]),
                            "images": sum(n for (sp, _), n in counts.items() if sp == s)} for s in SPLITS},
-            "images": ds.num_rows}
+            "images": ds.num_rows,
+            "exact_counts": f"checked: the figures of {spec.counts_source or spec.hf_id}" if exact else
+            f"not checked: the source is not {spec.counts_source}; checked instead: class sets, >= "
+            f"{spec.min_images_per_class} per class, split sizes against the source's own dataset card if it has one"}
 
 
 def _undecodable(ds: datasets.Dataset, spec: BenchmarkSpec, progress: bool) -> list[str]:

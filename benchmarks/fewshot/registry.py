@@ -43,6 +43,7 @@ class BenchmarkSpec:
     images_per_class: int | None = None     # exact count every class must have, if the benchmark fixes one
     images_per_split: dict[str, int] = field(default_factory=dict)  # exact totals, if known
     total_images: int | None = None          # exact total over the three splits, if known
+    counts_source: str | None = None         # the id whose content the exact counts describe (None: any source)
     min_images_per_class: int = 20           # K=5 support + 15 queries
     image_size: int = 84                     # the classic resolution of the benchmark
     display_names: dict[str, str] = field(default_factory=dict)  # class -> human-readable name for prompts
@@ -86,6 +87,12 @@ class BenchmarkSpec:
         if "." in name and name.split(".", 1)[0].isdigit():
             name = name.split(".", 1)[1]
         return name.replace("_", " ")
+
+    @property
+    def exact_counts_apply(self) -> bool:
+        """The exact counts are facts of one dataset id; another source (a local folder, a copy under
+        another id) is checked for its class sets, the minimum per class and its own dataset card."""
+        return self.counts_source is None or self.hf_id == self.counts_source
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -156,21 +163,22 @@ def _cub() -> BenchmarkSpec:
         name="cub", hf_id="bentrevett/caltech-ucsd-birds-200-2011",
         classes=cub_split_by_rule(folders),
         source_splits={"train": "*", "test": "*"},  # the official train/test split is not the few-shot split
-        total_images=11788, image_size=84)
+        total_images=11788, counts_source="bentrevett/caltech-ucsd-birds-200-2011", image_size=84)
 
 
 def _miniimagenet() -> BenchmarkSpec:
     names = imagenet_names()
     classes = shipped_split("miniimagenet")
     return BenchmarkSpec(
-        name="miniimagenet", hf_id="GATE-engine/mini_imagenet",
+        name="miniimagenet", hf_id="timm/mini-imagenet",
         classes=classes,
-        source_splits={"train": "train", "validation": "val", "test": "test"},
-        # plain int64 labels, assumed to follow ascending wnid order within each split, the order of
-        # classes.json (and of sorted class folders); the integrity check catches a count mismatch
-        label_mode="per_split_rank",
-        images_per_class=600, images_per_split={"train": 38400, "val": 9600, "test": 12000},
-        image_size=84, display_names={w: names[w] for s in SPLITS for w in classes[s]})
+        # The hub copy holds all 100 classes in each split, labelled by wnid (ClassLabel names):
+        # train 500 + validation 100 images per class (the 600 of Vinyals et al.), test 50 more per
+        # class from ImageNet-1k's validation set, which miniImageNet never had (left out). Pooled,
+        # then split by wnid with the shipped Ravi & Larochelle class lists.
+        source_splits={"train": "*", "validation": "*"},
+        images_per_class=600, images_per_split={"train": 38400, "val": 9600, "test": 12000}, total_images=60000,
+        counts_source="timm/mini-imagenet", image_size=84, display_names={w: names[w] for s in SPLITS for w in classes[s]})
 
 
 def _cifar_fs() -> BenchmarkSpec:
@@ -179,9 +187,9 @@ def _cifar_fs() -> BenchmarkSpec:
         classes=shipped_split("cifar-fs"),
         source_splits={"train": "*", "test": "*"},  # 500 + 100 images per class pooled, as in Bertinetto et al.
         image_column="img", label_column="fine_label",
-        name_aliases={"cra": "crab"},  # an old revision of the hub dataset misspelt this label name
+        name_aliases={"cra": "crab"},  # the hub's ClassLabel names spell class 26 "cra"
         images_per_class=600, images_per_split={"train": 38400, "val": 9600, "test": 12000},
-        image_size=32)
+        counts_source="uoft-cs/cifar100", image_size=32)
 
 
 _REGISTRY: dict[str, Callable[[], BenchmarkSpec]] = {

@@ -172,6 +172,8 @@ def stage_synthesize(run: Run) -> None:
     data.export_images(run.ds, sorted({r for s in supports for r in s.rows}), refs_dir)
     settings = {"cache_dir": str(run.dir / "generation-cache"), "work_dir": str(run.dir / "generation-runs"),
                 **run.p.synthesis.settings}
+    settings = synthesis.bind_class_labels(settings, sorted({run.spec.display_name(s.class_name) for s in supports}),
+                                           run.dir / "class-labels.txt")
 
     def resolved(name: str) -> tuple[str, dict]:
         return synthesis.resolve_variant(name, run.p.synthesis.variants, settings)

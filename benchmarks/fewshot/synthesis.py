@@ -175,6 +175,21 @@ def resolve_variant(name: str, variants: dict[str, dict], settings: dict) -> tup
     return base, {**settings, "methods": methods}
 
 
+BENCHMARK_CLASSES = "benchmark-classes"   # a classifier_labels value: the synthesised classes' display names
+
+
+def bind_class_labels(settings: dict, names: list[str], path: str | Path) -> dict:
+    """``settings`` with every per-method ``classifier_labels: benchmark-classes`` replaced by a file
+    (``path``, one name per line) of ``names``: e.g. DCT's zero-shot guide over the test classes."""
+    per_method = settings.get("methods") or {}
+    if not any(m.get("classifier_labels") == BENCHMARK_CLASSES for m in per_method.values()):
+        return settings
+    write_text_if_changed(path, "".join(f"{n}\n" for n in names))
+    bound = {k: ({**m, "classifier_labels": str(path)} if m.get("classifier_labels") == BENCHMARK_CLASSES else m)
+             for k, m in per_method.items()}
+    return {**settings, "methods": bound}
+
+
 def min_refs(method: str) -> int:
     """Reference images a method needs (NAO-SeedSelect interpolates between >= 2 seeds)."""
     if method in PIPELINE_METHODS:
