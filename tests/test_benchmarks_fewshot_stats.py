@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from benchmarks.fewshot.sampling import Episodes
-from benchmarks.fewshot.stats import interval, trial_bootstrap_weights
+from benchmarks.fewshot.stats import interval, trial_bootstrap
 
 CLASSES = ["a", "b", "c", "d", "e"]
 
@@ -30,17 +30,18 @@ def _accuracies(eps: Episodes, rng, support_sd=0.1, query_sd=0.05, effects=None)
 
 
 def _weights(eps, seed=1, resamples=500):
-    return trial_bootstrap_weights(eps, resamples, np.random.default_rng(seed))
+    return trial_bootstrap(eps, resamples, np.random.default_rng(seed))
 
 
 def test_weights_resample_trials():
     eps = _design(trials=4, E=50)
-    w = _weights(eps, resamples=200)
-    assert w.shape == (200, 50) and np.allclose(w, np.round(w)) and (w >= 0).all()
+    boot = _weights(eps, resamples=200)
+    w = boot.weights
+    assert boot.trials == 4 and w.shape == (200, 50) and np.allclose(w, np.round(w)) and (w >= 0).all()
     assert np.allclose(w.sum(1) / 50, 1, atol=0.9) and (w.sum(1) > 0).all()
     for e in range(50):   # an episode counts as often as its trial was drawn
         assert np.array_equal(w[:, e], w[:, int(np.flatnonzero(eps.trials[:, 0] == eps.trials[e, 0])[0])])
-    assert np.array_equal(w, _weights(eps, resamples=200))            # seeded: same generator, same draws
+    assert np.array_equal(w, _weights(eps, resamples=200).weights)            # seeded: same generator, same draws
     eps.trials[0, 1] = (eps.trials[0, 0] + 1) % 4
     with pytest.raises(ValueError, match="episodes mix support sets of several trials"):
         _weights(eps)
@@ -51,20 +52,19 @@ def test_interval_widens_when_episodes_share_few_support_sets():
     differs. The naive 1.96*std/sqrt(E) barely moves, the cluster bootstrap widens, and with few
     support sets it is close to the true spread of the mean over redraws of the whole design."""
     rng = np.random.default_rng(2)
-    half = {}
-    for trials in (4, 300):
+    out = {}
+    for trials in (6, 300):
         eps = _design(trials)
         acc = _accuracies(eps, rng)
-        naive = 1.96 * acc.std() / math.sqrt(len(acc))
-        half[trials] = (interval(acc, _weights(eps))["ci95"], naive)
-    (few, naive_few), (many, naive_many) = half[4], half[300]
+        out[trials] = (interval(acc, _weights(eps)), 1.96 * acc.std() / math.sqrt(len(acc)))
+    (few, naive_few), (many, naive_many) = out[6], out[300]
     assert abs(naive_few - naive_many) < 0.3 * naive_many
-    assert few > 3 * many and few > 3 * naive_few
-    assert many == pytest.approx(naive_many, rel=0.35)                 # fresh support sets: the usual interval
-    eps = _design(4)
-    means = [_accuracies(eps, rng).mean() for _ in range(300)]          # new support effects and queries each time
-    true_half = 1.96 * np.std(means)
-    assert 0.5 * true_half < few < 1.5 * true_half
+    assert few["ci95"] > 3 * many["ci95"] and few["ci95"] > 3 * naive_few
+    assert many["ci95"] == pytest.approx(naive_many, rel=0.35)          # fresh support sets: the usual interval
+    eps = _design(6)
+    true_se = np.std([_accuracies(eps, rng).mean() for _ in range(300)])   # new support effects and queries
+    assert 0.6 * true_se < few["se_support"] < 1.5 * true_se
+    assert few["ci95"] > 1.96 * true_se      # 6 trials: Student t with 5 df, wider than the normal interval
 
 
 def test_paired_gain_is_narrower_than_unpaired():
@@ -97,7 +97,7 @@ def test_replicates_add_the_backbone_variance_with_student_t():
     from scipy.stats import t
 
     se = math.hypot(se_rep, spread["se_support"])
-    df = se ** 4 / (se_rep ** 4 / 2)
+    df = se ** 4 / (se_rep ** 4 / 2 + spread["se_support"] ** 4 / (spread["trials"] - 1))
     assert 2 < df < 2.5 and spread["ci95"] == pytest.approx(t.ppf(0.975, df) * se)
     assert spread["ci95"] > 3.9 * se_rep > 5 * same["ci95"]
     with pytest.raises(ValueError, match="300 bootstrap weights per resample for 5 episodes"):

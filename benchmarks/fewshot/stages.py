@@ -322,7 +322,7 @@ def stage_evaluate(run: Run) -> None:
     for (method, head, shot), values in accs.items():
         n = len(values[0])
         if (shot, n) not in weights:
-            weights[shot, n] = stats.trial_bootstrap_weights(
+            weights[shot, n] = stats.trial_bootstrap(
                 tests[shot].head(n), e.bootstrap, sampling.key_rng(p.seed, "bootstrap", run.spec.name, shot, n))
         real = accs.get((synthesis.REAL_ONLY, head, shot))
         results.append(_row(run, method, head, shot, np.stack(values), weights[shot, n],
@@ -334,15 +334,15 @@ def stage_evaluate(run: Run) -> None:
     run.save_config("evaluate")
 
 
-def _row(run: Run, method: str, head: str, shot: int, accs: np.ndarray, weights: np.ndarray,
+def _row(run: Run, method: str, head: str, shot: int, accs: np.ndarray, boot: stats.TrialBootstrap,
          real: np.ndarray | None) -> dict:
     """``accs``, ``real``: (replicates, episodes) accuracies of the method and of real-only."""
-    acc = stats.interval(accs, weights)
+    acc = stats.interval(accs, boot)
     row = {"benchmark": run.spec.name, "method": method, "head": head, "shot": shot, "mean": acc["mean"],
            "ci95": acc["ci95"], "gain": None, "gain_ci95": None, "episodes": acc["episodes"],
-           "replicates": acc["replicates"], "trials": run.p.trials, "resamples": run.p.evaluate.bootstrap}
+           "replicates": acc["replicates"], "trials": acc["trials"], "resamples": run.p.evaluate.bootstrap}
     if real is not None:
-        gain = stats.interval(accs - real, weights)
+        gain = stats.interval(accs - real, boot)
         row.update(gain=gain["mean"], gain_ci95=gain["ci95"])
     log.info("%s %s %s %d-shot: %.2f ± %.2f", run.spec.name, method, head, shot, 100 * acc["mean"], 100 * acc["ci95"])
     return row
