@@ -43,7 +43,8 @@ def project(tmp_path_factory):
             "results_dir": str(root / "results"), "hf_cache_dir": str(root / "hf"),
             "combined_table": str(root / "results" / "fewshot.md"), "progress": False,
             "seed": 0, "ways": 2, "shots": [1, 2], "queries": 3, "trials": 1, "val_episodes": 4, "test_episodes": 6,
-            "backbone": {"name": "test_resnet", "image_size": 32, "epochs": 1, "batch_size": 16, "device": "cpu"},
+            "backbone": {"name": "test_resnet", "image_size": 32, "epochs": 1, "batch_size": 16, "device": "cpu",
+                         "replicates": 1},
             "synthesis": {"methods": list(METHODS), "images_per_support": 2, "prompt_template": "{}",
                           "settings": {"preset": "fast", "model": str(root / "mini" / "sd"),
                                        "image_encoder": str(root / "mini" / "clip"), "device": "cpu", "methods": {

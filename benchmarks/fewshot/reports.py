@@ -31,10 +31,11 @@ def interval_note(rows: list[dict]) -> str:
     def values(key):
         return "/".join(map(str, sorted({r[key] for r in rows})))
 
-    return (f"± = 95% interval over {values('replicates')} backbone replicate(s), each trained with its own seed "
-            f"(Student t), and a cluster bootstrap over the {values('trials')} support-set trials per class "
-            f"({values('resamples')} resamples; an episode counts as often as its trial is drawn); "
-            f"Δ = method − real-only, paired by episode and replicate, same resampling. Test classes are fixed.")
+    return (f"± = 95% interval over {values('replicates')} backbone replicate(s), each trained with its own seed, "
+            f"and a cluster bootstrap over the {values('trials')} support-set trials per class "
+            f"({values('resamples')} resamples; an episode counts as often as its trial is drawn), combined as "
+            f"Student t with Welch df from replicates − 1 and trials − 1; Δ = method − real-only, paired by episode "
+            f"and replicate, same resampling. Test classes are fixed.")
 
 
 def write_accuracy_csv(rows: list[dict], path: str | Path) -> Path:
