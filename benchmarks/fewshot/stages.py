@@ -317,15 +317,15 @@ def stage_evaluate(run: Run) -> None:
                     accs.setdefault((method, "finetune", shot), []).append(clf.finetune_accuracies(
                         backbone[0], run.image, sub, run.image_size, images, e.finetune_steps, e.finetune_lr,
                         p.seed, run.device, p.progress))
-    weights = {}   # per shot and episode count: one resampling for every method, head and gain
+    resampling = {}   # per shot and episode count: one for every method, head and gain
     results = []
     for (method, head, shot), values in accs.items():
         n = len(values[0])
-        if (shot, n) not in weights:
-            weights[shot, n] = stats.trial_bootstrap(
+        if (shot, n) not in resampling:
+            resampling[shot, n] = stats.trial_bootstrap(
                 tests[shot].head(n), e.bootstrap, sampling.key_rng(p.seed, "bootstrap", run.spec.name, shot, n))
         real = accs.get((synthesis.REAL_ONLY, head, shot))
-        results.append(_row(run, method, head, shot, np.stack(values), weights[shot, n],
+        results.append(_row(run, method, head, shot, np.stack(values), resampling[shot, n],
                             None if method == synthesis.REAL_ONLY or real is None else np.stack(real)))
     write_json(run.results / "hparams.json", hparams)
     write_json(run.results / "episodes.json", {"backbones": tags, "accuracy": {
