@@ -48,8 +48,8 @@ def linear_logits(support: torch.Tensor, query: torch.Tensor, l2: float = 1e-2, 
     x = F.normalize(support.reshape(E, N * S, D).double(), dim=-1)
     basis, r = torch.linalg.qr(x.transpose(1, 2))                  # x^T = basis @ r
     coords = torch.cat([r.transpose(1, 2), x.new_ones(E, N * S, 1)], dim=-1)   # (E, n, k+1), bias last
-    zero_sum = torch.linalg.qr(torch.eye(N, dtype=torch.float64) - 1.0 / N)[0][:, :N - 1]   # (N, N-1)
-    onehot = F.one_hot(torch.arange(N).repeat_interleave(S), N).double()
+    zero_sum = torch.linalg.qr(torch.eye(N, dtype=x.dtype, device=x.device) - 1.0 / N)[0][:, :N - 1]   # (N, N-1)
+    onehot = F.one_hot(torch.arange(N, device=x.device).repeat_interleave(S), N).double()
     theta = _newton_logistic(coords, onehot, zero_sum, l2, max_iter, tol) @ zero_sum.T      # (E, k+1, N)
     q = F.normalize(query.double(), dim=-1) @ basis
     return (q @ theta[:, :-1] + theta[:, -1:]).float()
@@ -68,11 +68,11 @@ def _newton_logistic(coords: torch.Tensor, onehot: torch.Tensor, classes: torch.
     E, n, k1 = coords.shape
     c_dim = classes.shape[1]
     onehot = onehot.expand(E, n, -1)
-    penalty = torch.full((k1, 1), l2, dtype=torch.float64)
+    penalty = coords.new_full((k1, 1), l2)
     penalty[-1] = 0
     floor = penalty.reshape(1, k1).expand(c_dim, k1).reshape(-1)   # the penalty's curvature, (class, coordinate) order
     theta = coords.new_zeros(E, k1, c_dim)
-    active = torch.arange(E)
+    active = torch.arange(E, device=coords.device)
 
     def loss_of(c, oh, th):
         return _logistic_loss(c, oh, th @ classes.T, l2)
@@ -95,7 +95,7 @@ def _newton_logistic(coords: torch.Tensor, onehot: torch.Tensor, classes: torch.
         slope = (grad * step).sum((1, 2))
         loss = loss_of(c, oh, th)
         slack = 1e-13 * (1 + loss)  # float64 rounding of the loss: near the optimum, take the full step
-        t = torch.ones(m, dtype=torch.float64)
+        t = coords.new_ones(m)
         for _halving in range(40):
             ok = loss_of(c, oh, th + t.view(-1, 1, 1) * step) <= loss + 1e-4 * t * slope + slack
             if ok.all():
