@@ -28,6 +28,8 @@ def test_markdown_table_shows_accuracy_gain_and_what_the_interval_covers():
     assert lines[7].startswith("± = 95% interval over 3 backbone replicate(s)")
     assert "bootstrap over the 8 support-set trials per class (2000 resamples" in lines[7]
     assert "paired by episode and replicate" in lines[7]
+    nothing_resampled = [{**ROWS[0], "ci95": float("nan"), "replicates": 1, "trials": 1}]
+    assert "| real-only | 50.12 ± n/a | – |" in markdown_table(nothing_resampled)
 
 
 def test_report_files(tmp_path):

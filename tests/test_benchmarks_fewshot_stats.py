@@ -102,3 +102,6 @@ def test_replicates_add_the_backbone_variance_with_student_t():
     assert spread["ci95"] > 3.9 * se_rep > 5 * same["ci95"]
     with pytest.raises(ValueError, match="300 bootstrap weights per resample for 5 episodes"):
         interval(base[:5], w)
+    one = _design(trials=1, E=20)     # one backbone, one trial: nothing to resample, so no interval (not 0)
+    assert math.isnan(interval(base[:20], _weights(one))["ci95"])
+    assert interval(np.stack([base[:20], base[:20] + 0.01]), _weights(one))["ci95"] > 0

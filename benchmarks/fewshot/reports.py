@@ -23,7 +23,11 @@ _FLOATS, _OPTIONAL, _INTS = ("mean", "ci95"), ("gain", "gain_ci95"), ("shot", "e
 
 
 def _fmt(mean: float, ci: float, sign: str = "") -> str:
-    return f"{100 * mean:{sign}.2f} ± {100 * ci:.2f}"
+    return f"{100 * mean:{sign}.2f} ± " + ("n/a" if math.isnan(ci) else f"{100 * ci:.2f}")  # n/a: nothing resampled
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None or math.isnan(x) else round(x, 6)
 
 
 def interval_note(rows: list[dict]) -> str:
@@ -86,8 +90,7 @@ def metrics(rows: list[dict]) -> dict:
     out: dict = {"interval": interval_note(rows)} if rows else {}
     for r in rows:
         out.setdefault(r["benchmark"], {}).setdefault(r["head"], {}).setdefault(r["method"], {})[f"{r['shot']}shot"] = {
-            **{k: round(r[k], 6) for k in _FLOATS},
-            **{k: None if r[k] is None else round(r[k], 6) for k in _OPTIONAL},
+            **{k: _round(r[k]) for k in _FLOATS + _OPTIONAL},
             **{k: r[k] for k in _INTS if k != "shot"}}
     return out
 

@@ -20,7 +20,8 @@ Half-width = t(0.975, df) * sqrt(se_support^2 + se_replicates^2), df by Welch-Sa
 ``R - 1`` (replicates) and ``T - 1`` (trials): with 3 replicates and a dominant backbone term the
 multiplier approaches 4.30 (Student t, 2 df), the honest price of 3 retrainings, where a bootstrap
 over 3 replicates would pretend to know their spread; few trials likewise widen it. Query noise enters both terms, so the interval errs wide. Test classes are fixed, not
-resampled (as in the usual few-shot interval). With ``R = 1`` it covers support sets and queries only."""
+resampled (as in the usual few-shot interval). With ``R = 1`` it covers support sets and queries only;
+with ``R = 1`` and a single trial nothing is resampled and the half-width is NaN, never 0."""
 from __future__ import annotations
 
 import math
@@ -66,5 +67,6 @@ def interval(values, boot: TrialBootstrap) -> dict:
     se = math.hypot(se_sup, se_rep)
     parts = [(se_sup, T - 1), (se_rep, R - 1)]
     df = se ** 4 / sum(s ** 4 / d for s, d in parts if s > 0) if se > 0 else math.inf
-    return {"mean": float(v.mean()), "ci95": float(student_t.ppf(0.975, df) * se), "se_support": se_sup,
+    half = float(student_t.ppf(0.975, df) * se) if T > 1 or R > 1 else math.nan
+    return {"mean": float(v.mean()), "ci95": half, "se_support": se_sup,
             "se_replicates": se_rep, "df": df, "replicates": R, "trials": T, "episodes": v.shape[1]}
