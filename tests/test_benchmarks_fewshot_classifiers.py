@@ -1,25 +1,14 @@
-"""Classifier heads on cached features, the CI maths, hyper-parameter selection rules, caching."""
-import math
-
+"""Classifier heads on cached features, hyper-parameter selection rules, the fine-tuning path."""
 import numpy as np
 import pytest
 import torch
 from fewshot_digits import single_torch_thread, digits_spec
 
-from benchmarks.fewshot.classifiers import (cached_features, create_backbone, episode_accuracies, finetune_accuracies,
-                                            linear_logits, mean_ci95, prototype_logits, select_hyperparameters)
+from benchmarks.fewshot.backbones import create_backbone
+from benchmarks.fewshot.classifiers import (episode_accuracies, finetune_accuracies, linear_logits, prototype_logits,
+                                            select_hyperparameters)
 from benchmarks.fewshot.registry import UnknownNameError
 from benchmarks.fewshot.sampling import Episodes
-
-
-def test_ci95_matches_hand_computation():
-    mean, half = mean_ci95([0.6, 0.8, 0.7, 0.9])
-    # mean 0.75; deviations ±0.15, ±0.05 -> population variance (0.0225*2 + 0.0025*2)/4 = 0.0125
-    assert mean == pytest.approx(0.75)
-    assert half == pytest.approx(1.96 * math.sqrt(0.0125) / 2)
-    assert mean_ci95([0.5] * 600) == (0.5, 0.0)
-    with pytest.raises(ValueError):
-        mean_ci95([])
 
 
 def _blobs(E=4, N=3, S=5, M=6, D=16, spread=0.3, seed=0):
@@ -94,20 +83,6 @@ def test_hyperparameters_can_only_be_selected_on_validation_classes():
         select_hyperparameters(spec, "linear", [{"l2": 1.0}], features, disguised)
 
 
-def test_feature_cache_reuses_only_matching_keys(tmp_path):
-    calls = []
-
-    def compute(n):
-        calls.append(n)
-        return torch.arange(n * 4, dtype=torch.float32).reshape(n, 4)
-
-    a = cached_features(tmp_path / "f.safetensors", ["1", "2"], lambda: compute(2))
-    b = cached_features(tmp_path / "f.safetensors", ["1", "2"], lambda: compute(2))
-    assert torch.equal(a, b) and calls == [2]
-    cached_features(tmp_path / "f.safetensors", ["1", "2", "3"], lambda: compute(3))
-    assert calls == [2, 3]
-
-
 def test_backbone_by_name_and_finetune_path():
     with pytest.raises(UnknownNameError, match="did you mean 'resnet18'"):
         create_backbone("resnet-18")
@@ -122,3 +97,26 @@ def test_backbone_by_name_and_finetune_path():
     a = finetune_accuracies(model, images, eps, image_size=16, steps=2, progress=False)
     b = finetune_accuracies(model, images, eps, image_size=16, steps=2, progress=False)
     assert a.shape == (1,) and 0.0 <= a[0] <= 1.0 and np.array_equal(a, b)
+
+
+def test_linear_head_is_independent_of_chunking():
+    """Each episode's Newton solve stops on its own test, so fitting episodes one at a time or 200 at
+    a time gives exactly the same accuracies, and logits equal to float32 rounding (bitwise equal on
+    the 2-core CPU machine: every episode takes the same arithmetic path)."""
+    E, N, K, Q, D = 200, 3, 5, 5, 96   # the old shared L-BFGS gave 2 different accuracies here (l2=1)
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(E, N, 1, D, generator=g)
+    features = (centers + 2.5 * torch.randn(E, N, K + Q, D, generator=g)).reshape(-1, D)
+    rows = np.arange(E * N * (K + Q)).reshape(E, N, K + Q)
+    eps = Episodes("blobs", "test", N, K, Q, 0, [["a", "b", "c"]] * E, np.zeros((E, N), dtype=np.int64),
+                   rows[..., :K], rows[..., K:])
+    for l2 in (1e-3, 1.0):
+        one = episode_accuracies("linear", features, eps, chunk=1, l2=l2)
+        many = episode_accuracies("linear", features, eps, chunk=200, l2=l2)
+        assert np.array_equal(one, many) and 0.4 < many.mean() < 0.95   # not a trivial problem
+        sup, qry = features[rows[..., :K]], features[rows[..., K:]].reshape(E, N * Q, D)
+        batched = linear_logits(sup, qry, l2=l2)
+        alone = torch.cat([linear_logits(sup[e:e + 1], qry[e:e + 1], l2=l2) for e in range(E)])
+        assert (batched - alone).abs().max() <= 1e-7 * batched.abs().max()
+    with pytest.raises(RuntimeError, match="still moving after 1 Newton steps"):
+        linear_logits(sup, qry, l2=1e-3, max_iter=1)

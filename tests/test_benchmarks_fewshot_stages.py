@@ -4,6 +4,7 @@ from a local parquet dataset) -> episodes -> synthesize (augmentation generator)
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from fewshot_digits import single_torch_thread, augment_generator, copy_generator, digits_spec, write_digits_source
@@ -29,10 +30,10 @@ def project(tmp_path_factory):
         "seed": 3, "ways": 3, "shots": [1, 5], "queries": 15, "trials": 2, "val_episodes": 8, "test_episodes": 30,
         "progress": False,
         "backbone": {"name": "test_resnet", "image_size": 32, "epochs": 2, "batch_size": 32, "lr": 0.05,
-                     "num_workers": 1},
+                     "num_workers": 1, "replicates": 2},
         "synthesis": {"methods": ["augment", "copy"], "images_per_support": 2},
         "evaluate": {"heads": ["prototype", "linear"], "linear_l2": [0.01, 1.0], "linear_max_iter": 30,
-                     "finetune": True, "finetune_episodes": 1, "finetune_steps": 1},
+                     "finetune": True, "finetune_episodes": 1, "finetune_steps": 1, "bootstrap": 200},
     }}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     main(["all", "--params", str(root / "params.yaml")])
@@ -57,19 +58,28 @@ def test_end_to_end_outputs(project):
     combos = {(x["method"], x["head"], x["shot"]) for x in rows}
     assert combos == {(m, h, k) for m in ("real-only", "augment", "copy") for h in ("prototype", "linear", "finetune")
                       for k in (1, 5)}
-    assert all(x["episodes"] == (1 if x["head"] == "finetune" else 30) for x in rows)
+    assert all(x["episodes"] == (1 if x["head"] == "finetune" else 30) and x["replicates"] == 2 for x in rows)
     proto5 = next(x for x in rows if x == {**x, "method": "real-only", "head": "prototype", "shot": 5})
     assert proto5["mean"] > 0.5  # 3-way digits: chance is 1/3
-    per_episode = json.loads((r / "episodes.json").read_text())["real-only/prototype/5shot"]
-    assert len(per_episode) == 30 and abs(sum(per_episode) / 30 - proto5["mean"]) < 1e-5
+    assert proto5["gain"] is None and all(x["gain"] is not None for x in rows if x["method"] != "real-only")
+    saved = json.loads((r / "episodes.json").read_text())
+    per_episode = np.asarray(saved["accuracy"]["real-only/prototype/5shot"])
+    assert per_episode.shape == (2, 30) and abs(per_episode.mean() - proto5["mean"]) < 1e-5
+    # replicates: two backbones with their own seeds, files and features, giving different accuracies
+    assert len(set(saved["backbones"])) == 2 and len(list((d / "backbone").glob("*.safetensors"))) == 2
+    assert len(list((d / "features").iterdir())) == 2 and not np.array_equal(per_episode[0], per_episode[1])
     hp = json.loads((r / "hparams.json").read_text())["augment/linear/1shot"]
-    assert hp["selected"]["l2"] in (0.01, 1.0) and len(hp["validation"]) == 2
+    assert len(hp) == 2 and hp[0]["selected"]["l2"] in (0.01, 1.0) and len(hp[0]["validation"]) == 2
     assert len(list((d / "synthetic" / "augment").rglob("*.png"))) == 3 * 2 * 2 * 2  # classes x shots x trials x M
     # 1-shot copies of the support image add nothing a prototype can use: same accuracy per episode
-    acc = json.loads((r / "episodes.json").read_text())
+    acc = saved["accuracy"]
     assert acc["copy/prototype/1shot"] == acc["real-only/prototype/1shot"]
+    # ... so its gain, paired by episode and replicate, is exactly 0 with a zero-width interval
+    copy1 = next(x for x in rows if x == {**x, "method": "copy", "head": "prototype", "shot": 1})
+    assert copy1["gain"] == 0 and copy1["gain_ci95"] == 0 and copy1["ci95"] > 0
     md = (r / "accuracy.md").read_text()
-    assert "| real-only |" in md and "trained from scratch on the base (meta-train) classes, 2 epochs" in md
+    assert "| real-only |" in md and "trained from scratch on the base (meta-train) classes, 2 epochs, 2 time(s)" in md
+    assert "± = 95% interval over 2 backbone replicate(s)" in md
     assert json.loads((r / "metrics.json").read_text())["digits"]["prototype"]["augment"]["1shot"]["episodes"] == 30
     assert (r / "accuracy_vs_shots.png").is_file() and (r / "samples" / "augment" / "seven.png").is_file()
     assert "digits — linear head" in (project / "results" / "fewshot.md").read_text()
@@ -82,10 +92,10 @@ def test_synthetic_features_belong_to_their_support_set(project):
     import torch
 
     from benchmarks.fewshot.sampling import read_supports
-    from benchmarks.fewshot.stages import Run, _features
+    from benchmarks.fewshot.stages import Run, _backbone, _features
 
     run = Run(load_section(FewShotParams, "fewshot", project / "params.yaml"), "digits")
-    table, synth = _features(run)
+    table, synth = _features(run, _backbone(run, 1))
     supports = read_supports(run.dir / "supports.csv")
     tested = 0
     for s in supports:

@@ -1,25 +1,15 @@
-"""Few-shot classifiers on timm backbones.
+"""Few-shot classifier heads on cached features, vectorised across episodes.
 
-* A backbone is a timm model by name (a setting), trained here on the base (meta-train) classes
-  — the standard protocol — or loaded pretrained from timm (``pretrained=True``; note that ImageNet
-  pretraining has seen miniImageNet's test classes).
-* Features are extracted once and cached on disk (safetensors, atomic); per-episode heads then run on
-  cached features, vectorised across episodes: ``prototype`` (cosine nearest centroid) and ``linear``
-  (multinomial logistic regression, fitted with L-BFGS for all episodes at once — their objectives
-  are independent, so the joint optimum is each episode's optimum). ``finetune_accuracies`` is the
-  slow path that fine-tunes the whole backbone per episode.
-* Hyper-parameters are selected by :func:`select_hyperparameters`, which refuses any episode that is
-  not made of validation classes."""
+``prototype`` (cosine nearest centroid) and ``linear`` (multinomial logistic regression, solved by
+Newton's method per episode: each episode stops on its own convergence test, so its result does not
+depend on which other episodes share its batch). ``finetune_accuracies`` is the slow path that
+fine-tunes the whole backbone per episode. Hyper-parameters are selected by
+:func:`select_hyperparameters`, which refuses any episode that is not made of validation classes.
+Backbones and features: :mod:`.backbones`; intervals: :mod:`.stats`."""
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
-import math
-import warnings
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
@@ -27,161 +17,9 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from benchmarks.fewshot.backbones import image_transform
 from benchmarks.fewshot.registry import BenchmarkSpec, unknown_error
 from benchmarks.fewshot.sampling import Episodes
-from pipelines.io import save_tensors
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-# --- statistics ----------------------------------------------------------------------------------
-
-def mean_ci95(values) -> tuple[float, float]:
-    """Mean and 95% half-width over episodes: 1.96 * std / sqrt(n), with the population std
-    (``np.std``), as in the few-shot literature's evaluation code."""
-    v = np.asarray(values, dtype=np.float64)
-    if v.size == 0:
-        raise ValueError("no episode accuracies to summarise")
-    return float(v.mean()), float(1.96 * v.std() / math.sqrt(v.size))
-
-
-# --- backbones -----------------------------------------------------------------------------------
-
-def create_backbone(name: str, pretrained: bool = False, checkpoint: str | Path | None = None) -> torch.nn.Module:
-    """A timm feature extractor (``num_classes=0``), optionally with weights from ``checkpoint``."""
-    import timm
-
-    if name not in timm.list_models(pretrained=False):
-        raise unknown_error("unknown timm backbone", name, timm.list_models(pretrained=False))
-    if pretrained:
-        warnings.warn(f"backbone {name!r} is ImageNet-pretrained: it has seen miniImageNet's test classes, "
-                      "so its few-shot accuracies are not comparable with base-class training", stacklevel=2)
-    model = timm.create_model(name, pretrained=pretrained, num_classes=0)
-    if checkpoint is not None:
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(str(checkpoint)))
-    return model.eval()
-
-
-def image_transform(image_size: int, augment: bool = False, generator: torch.Generator | None = None) -> Callable:
-    """PIL image -> normalised (3, s, s) tensor; ``augment`` adds a random flip and a small shift
-    drawn from ``generator`` (the data augmentation of base training and fine-tuning)."""
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-
-    def transform(image: Image.Image) -> torch.Tensor:
-        image = image.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
-        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        if augment:
-            if torch.rand((), generator=generator) < 0.5:
-                x = x.flip(-1)
-            pad = max(1, image_size // 8)
-            dx, dy = (int(v) for v in torch.randint(-pad, pad + 1, (2,), generator=generator))
-            x = torch.roll(F.pad(x, (pad, pad, pad, pad), mode="reflect"), (dy, dx), (1, 2))[:, pad:-pad, pad:-pad]
-        return (x - mean) / std
-
-    return transform
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 100
-    batch_size: int = 128
-    lr: float = 0.05
-    weight_decay: float = 5e-4
-    seed: int = 0
-
-
-class ImageRows(torch.utils.data.Dataset):
-    """``images(keys[i])`` through ``transform``, with ``targets[i]`` if given (for DataLoader workers)."""
-
-    def __init__(self, images: Callable, keys: Sequence, transform: Callable, targets: torch.Tensor | None = None):
-        self.images, self.keys, self.transform, self.targets = images, list(keys), transform, targets
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def __getitem__(self, i: int):
-        x = self.transform(self.images(self.keys[i]))
-        return x if self.targets is None else (x, self.targets[i])
-
-
-def train_backbone(model: torch.nn.Module, images: Callable[[int], Image.Image], rows: Sequence[int],
-                   labels: Sequence[int], image_size: int, cfg: TrainConfig, device: str = "cpu",
-                   num_workers: int = 0, progress: bool = True) -> torch.nn.Module:
-    """Supervised training on the base classes (cross-entropy over a linear classifier that is
-    discarded afterwards), SGD with momentum and a cosine schedule. ``images(row)`` returns a PIL image.
-
-    Shuffling comes from a generator seeded by ``cfg.seed``; augmentation draws from the torch RNG of
-    the process or DataLoader worker, which torch seeds from that generator, so a run is
-    reproducible for a given ``num_workers``."""
-    gen = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)  # initialisation of the classifier, augmentation when num_workers == 0
-    classes = sorted(set(int(y) for y in labels))
-    remap = {c: i for i, c in enumerate(classes)}
-    targets = torch.tensor([remap[int(y)] for y in labels])
-    loader = torch.utils.data.DataLoader(
-        ImageRows(images, [int(r) for r in rows], image_transform(image_size, augment=True), targets),
-        batch_size=cfg.batch_size, shuffle=True, generator=gen, num_workers=num_workers,
-        persistent_workers=num_workers > 0, pin_memory=device.startswith("cuda"))
-    classifier = torch.nn.Linear(model.num_features, len(classes))
-    model.to(device).train()
-    classifier.to(device)
-    params = list(model.parameters()) + list(classifier.parameters())
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs * len(loader))
-    bar = tqdm(range(cfg.epochs), desc=f"base training {type(model).__name__}", disable=not progress)
-    for epoch in bar:
-        for b, (x, y) in enumerate(loader):
-            loss = F.cross_entropy(classifier(model(x.to(device))), y.to(device))
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"base training: loss is {loss.item()} at epoch {epoch}, batch {b}; lower the lr")
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    return model.eval()
-
-
-def save_backbone(model: torch.nn.Module, path: str | Path, meta: dict) -> Path:
-    return save_tensors(path, dict(model.state_dict()), metadata={"config": json.dumps(meta, sort_keys=True)})
-
-
-def file_digest(path: str | Path, n: int = 12) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:n]
-
-
-@torch.no_grad()
-def extract_features(model: torch.nn.Module, images: Callable[[int], Image.Image], count: int, image_size: int,
-                     batch_size: int = 256, device: str = "cpu", desc: str = "features", num_workers: int = 0,
-                     progress: bool = True) -> torch.Tensor:
-    """(count, D) float32 features of ``images(0..count-1)``."""
-    model.to(device).eval()
-    loader = torch.utils.data.DataLoader(ImageRows(images, range(count), image_transform(image_size)),
-                                         batch_size=batch_size, num_workers=num_workers)
-    out = [model(x.to(device)).float().cpu() for x in tqdm(loader, desc=desc, disable=not progress)]
-    return torch.cat(out) if out else torch.zeros(0, model.num_features)
-
-
-def cached_features(path: str | Path, keys: list[str], compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """Features of ``keys`` (row ids or image paths) from ``path`` if it holds exactly those keys,
-    else computed by ``compute()`` and saved there atomically."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    digest = hashlib.sha256("\n".join(keys).encode()).hexdigest()
-    if path.is_file():
-        with safe_open(str(path), "pt") as f:
-            if (f.metadata() or {}).get("keys_sha256") == digest:
-                return f.get_tensor("features")
-    feats = compute()
-    if feats.shape[0] != len(keys):
-        raise ValueError(f"{path}: computed {feats.shape[0]} features for {len(keys)} keys")
-    save_tensors(path, {"features": feats}, metadata={"keys_sha256": digest, "count": str(len(keys))})
-    return feats
 
 
 # --- per-episode heads on cached features --------------------------------------------------------
@@ -192,28 +30,91 @@ def prototype_logits(support: torch.Tensor, query: torch.Tensor) -> torch.Tensor
     return torch.einsum("emd,end->emn", F.normalize(query, dim=-1), protos)
 
 
-def linear_logits(support: torch.Tensor, query: torch.Tensor, l2: float = 1e-2, max_iter: int = 100) -> torch.Tensor:
+def linear_logits(support: torch.Tensor, query: torch.Tensor, l2: float = 1e-2, max_iter: int = 100,
+                  tol: float = 1e-10) -> torch.Tensor:
     """Multinomial logistic regression per episode on L2-normalised features: minimise, for every
-    episode, mean cross-entropy over its support + ``l2``/2 ||W||^2, all episodes in one L-BFGS run."""
+    episode, mean cross-entropy over its support + ``l2``/2 ||W||^2 (bias not penalised).
+
+    Solved exactly in a smaller space: the optimal W lies in the span of the episode's n support
+    features (the loss gradient does; the penalty removes the rest), so it is written in an
+    orthonormal basis of that span (QR); and softmax ignores a shift shared by all classes, which the
+    penalty sets to zero, so class weights (and biases) are written in an orthonormal basis of the
+    N-1 dimensional zero-sum subspace. Newton's method in float64 with a backtracking (Armijo) line
+    search then solves each episode; each stops on its own test — its full Newton step (near the
+    optimum: its distance to the optimum) changes no weight by more than ``tol`` * (1 + its largest
+    weight) — and is then left alone, so its weights do not depend on which episodes share its batch.
+    An episode still moving after ``max_iter`` Newton steps is an error, never a silent result."""
     E, N, S, D = support.shape
-    x = F.normalize(support.reshape(E, N * S, D), dim=-1)
-    y = torch.arange(N).repeat_interleave(S).repeat(E)
-    w = torch.zeros(E, D, N, requires_grad=True)
-    b = torch.zeros(E, 1, N, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=10, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-6, tolerance_change=1e-9)
+    x = F.normalize(support.reshape(E, N * S, D).double(), dim=-1)
+    basis, r = torch.linalg.qr(x.transpose(1, 2))                  # x^T = basis @ r
+    coords = torch.cat([r.transpose(1, 2), x.new_ones(E, N * S, 1)], dim=-1)   # (E, n, k+1), bias last
+    zero_sum = torch.linalg.qr(torch.eye(N, dtype=x.dtype, device=x.device) - 1.0 / N)[0][:, :N - 1]   # (N, N-1)
+    onehot = F.one_hot(torch.arange(N, device=x.device).repeat_interleave(S), N).double()
+    # episodes are independent: solve them in groups whose Hessians stay cache-sized (8 MB: 2-3x faster for
+    # 5-way episodes with 75 support images, where one Hessian is 0.7 MB; results cannot change)
+    size = max(1, _NEWTON_BYTES // (8 * ((N - 1) * coords.shape[-1]) ** 2))
+    theta = torch.cat([_newton_logistic(coords[i:i + size], onehot, zero_sum, l2, max_iter, tol)
+                       for i in range(0, E, size)]) @ zero_sum.T                             # (E, k+1, N)
+    q = F.normalize(query.double(), dim=-1) @ basis
+    return (q @ theta[:, :-1] + theta[:, -1:]).float()
 
-    def closure():
-        opt.zero_grad()
-        logits = torch.baddbmm(b, x, w)
-        loss = F.cross_entropy(logits.reshape(-1, N), y, reduction="sum") / (N * S) + 0.5 * l2 * (w * w).sum()
-        loss.backward()
-        return loss
 
-    with torch.enable_grad():
-        opt.step(closure)
-    with torch.no_grad():
-        return torch.baddbmm(b, F.normalize(query, dim=-1), w)
+_NEWTON_BYTES = 8 * 2 ** 20
+
+
+def _logistic_loss(coords, onehot, theta, l2):
+    z = coords @ theta
+    ce = (torch.logsumexp(z, -1) - (z * onehot).sum(-1)).mean(-1)
+    return ce + 0.5 * l2 * (theta[:, :-1] ** 2).sum((1, 2))
+
+
+def _newton_logistic(coords: torch.Tensor, onehot: torch.Tensor, classes: torch.Tensor, l2: float, max_iter: int,
+                     tol: float) -> torch.Tensor:
+    """(E, k+1, c) weights ``theta`` (last row: bias) minimising, per episode, :func:`_logistic_loss` of
+    the logits ``coords @ theta @ classes.T`` (``classes``: (N, c) orthonormal columns)."""
+    E, n, k1 = coords.shape
+    c_dim = classes.shape[1]
+    onehot = onehot.expand(E, n, -1)
+    penalty = coords.new_full((k1, 1), l2)
+    penalty[-1] = 0
+    floor = penalty.reshape(1, k1).expand(c_dim, k1).reshape(-1)   # the penalty's curvature, (class, coordinate) order
+    theta = coords.new_zeros(E, k1, c_dim)
+    active = torch.arange(E, device=coords.device)
+
+    def loss_of(c, oh, th):
+        return _logistic_loss(c, oh, th @ classes.T, l2)
+
+    for _ in range(max_iter):
+        c, th, oh = coords[active], theta[active], onehot[active]
+        m = len(active)
+        p = torch.softmax(c @ th @ classes.T, -1)
+        grad = c.transpose(1, 2) @ (p - oh) @ classes / n + penalty * th
+        pc = p @ classes                                                           # (m, n, c)
+        curv = torch.einsum("mik,kj,kl->mijl", p, classes, classes) - pc.unsqueeze(-1) * pc.unsqueeze(-2)
+        blocks = coords.new_empty(m, c_dim, c_dim, k1, k1)   # Hessian, unknowns ordered (class, coordinate)
+        for j in range(c_dim):     # block (j, l) = c^T diag(curv[:, j, l]) c / n: c^2 small bmm's, no (n, k, k) tensor
+            for l in range(j, c_dim):
+                blocks[:, j, l] = blocks[:, l, j] = (c.transpose(1, 2) * curv[:, None, :, j, l]) @ c / n
+        hess = blocks.transpose(2, 3).reshape(m, c_dim * k1, c_dim * k1)
+        hess.diagonal(dim1=1, dim2=2).add_(floor)
+        chol = torch.linalg.cholesky_ex(hess)[0]
+        step = -torch.cholesky_solve(grad.transpose(1, 2).reshape(m, -1, 1), chol).reshape(m, c_dim, k1).transpose(1, 2)
+        slope = (grad * step).sum((1, 2))
+        loss = loss_of(c, oh, th)
+        slack = 1e-13 * (1 + loss)  # float64 rounding of the loss: near the optimum, take the full step
+        t = coords.new_ones(m)
+        for _halving in range(40):
+            ok = loss_of(c, oh, th + t.view(-1, 1, 1) * step) <= loss + 1e-4 * t * slope + slack
+            if ok.all():
+                break
+            t = torch.where(ok, t, t / 2)
+        theta[active] = th + t.view(-1, 1, 1) * step
+        done = step.abs().amax((1, 2)) <= tol * (1 + th.abs().amax((1, 2)))
+        active = active[~done]
+        if active.numel() == 0:
+            return theta
+    raise RuntimeError(f"linear head: {len(active)} of {E} episodes still moving after {max_iter} Newton steps "
+                       f"(l2={l2:g}); raise max_iter")
 
 
 HEADS: dict[str, Callable[..., torch.Tensor]] = {"prototype": prototype_logits, "linear": linear_logits}
@@ -279,8 +180,7 @@ def select_hyperparameters(spec: BenchmarkSpec, head: str, grid: list[dict], fea
                                  f"contains class {c!r} of split {spec.split_of(c)!r}")
     table = []
     for hp in grid or [{}]:
-        mean, ci = mean_ci95(episode_accuracies(head, features, episodes, synthetic, **hp))
-        table.append({**hp, "val_accuracy": mean, "val_ci95": ci})
+        table.append({**hp, "val_accuracy": float(episode_accuracies(head, features, episodes, synthetic, **hp).mean())})
     best = max(range(len(table)), key=lambda i: table[i]["val_accuracy"])  # first of equals: grid order decides
     return dict((grid or [{}])[best]), table
 

@@ -1,7 +1,10 @@
 """Accuracy tables (CSV + markdown), DVC metrics, accuracy-vs-shots plots and sample grids.
 
 Input rows (one per benchmark x method x head x shot) carry ``mean`` and ``ci95`` (fractions in
-[0, 1]) and the number of ``episodes``; tables print percentages."""
+[0, 1]), the ``gain`` over real-only and its ``gain_ci95`` (empty for real-only), and what the
+interval spans: ``episodes``, backbone ``replicates``, support-set ``trials`` and bootstrap
+``resamples`` (benchmarks/fewshot/stats.py); tables print percentages, each with a note saying what
+its intervals cover."""
 from __future__ import annotations
 
 import csv
@@ -14,11 +17,29 @@ from PIL import Image
 
 from pipelines.io import atomic_path, save_image, write_json, write_text
 
-ROW_FIELDS = ["benchmark", "method", "head", "shot", "mean", "ci95", "episodes"]
+ROW_FIELDS = ["benchmark", "method", "head", "shot", "mean", "ci95", "gain", "gain_ci95", "episodes", "replicates",
+              "trials", "resamples"]
+_FLOATS, _OPTIONAL, _INTS = ("mean", "ci95"), ("gain", "gain_ci95"), ("shot", "episodes", "replicates", "trials", "resamples")
 
 
-def _fmt(mean: float, ci: float) -> str:
-    return f"{100 * mean:.2f} ± {100 * ci:.2f}"
+def _fmt(mean: float, ci: float, sign: str = "") -> str:
+    return f"{100 * mean:{sign}.2f} ± " + ("n/a" if math.isnan(ci) else f"{100 * ci:.2f}")  # n/a: nothing resampled
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None or math.isnan(x) else round(x, 6)
+
+
+def interval_note(rows: list[dict]) -> str:
+    """What the ± of ``rows`` covers, from the fields that made them (one line)."""
+    def values(key):
+        return "/".join(map(str, sorted({r[key] for r in rows})))
+
+    return (f"± = 95% interval over {values('replicates')} backbone replicate(s), each trained with its own seed, "
+            f"and a cluster bootstrap over the {values('trials')} support-set trials per class "
+            f"({values('resamples')} resamples; an episode counts as often as its trial is drawn), combined as "
+            f"Student t with Welch df from replicates − 1 and trials − 1; Δ = method − real-only, paired by episode "
+            f"and replicate, same resampling. Test classes are fixed.")
 
 
 def write_accuracy_csv(rows: list[dict], path: str | Path) -> Path:
@@ -31,12 +52,13 @@ def write_accuracy_csv(rows: list[dict], path: str | Path) -> Path:
 
 def read_accuracy_csv(path: str | Path) -> list[dict]:
     with open(path, newline="") as f:
-        return [{**r, "shot": int(r["shot"]), "mean": float(r["mean"]), "ci95": float(r["ci95"]),
-                 "episodes": int(r["episodes"])} for r in csv.DictReader(f)]
+        return [{**r, **{k: float(r[k]) for k in _FLOATS}, **{k: int(r[k]) for k in _INTS},
+                 **{k: float(r[k]) if r[k] else None for k in _OPTIONAL}} for r in csv.DictReader(f)]
 
 
 def markdown_table(rows: list[dict], methods: list[str] | None = None) -> str:
-    """One table per (benchmark, head): methods as rows, shots as columns, ``mean ± 95% CI`` in %."""
+    """One table per (benchmark, head): methods as rows; per shot, ``mean ± 95% CI`` and the gain
+    over real-only ``Δ ± 95% CI``, in %; under each table, what its intervals cover."""
     out = []
     for bench in sorted({r["benchmark"] for r in rows}):
         for head in sorted({r["head"] for r in rows if r["benchmark"] == bench}):
@@ -47,21 +69,29 @@ def markdown_table(rows: list[dict], methods: list[str] | None = None) -> str:
             cell = {(r["method"], r["shot"]): r for r in sel}
             episodes = sorted({r["episodes"] for r in sel})
             out.append(f"### {bench} — {head} head ({'/'.join(map(str, episodes))} episodes, accuracy % ± 95% CI)\n")
-            out.append("| method | " + " | ".join(f"{k}-shot" for k in shots) + " |")
-            out.append("|---|" + "---|" * len(shots))
+            out.append("| method | " + " | ".join(f"{k}-shot | Δ {k}-shot" for k in shots) + " |")
+            out.append("|---|" + "---|---|" * len(shots))
             for m in order:
-                cells = [_fmt(cell[(m, k)]["mean"], cell[(m, k)]["ci95"]) if (m, k) in cell else "–" for k in shots]
+                cells = []
+                for k in shots:
+                    r = cell.get((m, k))
+                    cells.append(_fmt(r["mean"], r["ci95"]) if r else "–")
+                    cells.append(_fmt(r["gain"], r["gain_ci95"], "+") if r and r["gain"] is not None else "–")
                 out.append(f"| {m} | " + " | ".join(cells) + " |")
+            out.append("")
+            out.append(interval_note(sel))
             out.append("")
     return "\n".join(out)
 
 
 def metrics(rows: list[dict]) -> dict:
-    """DVC metrics: ``{benchmark: {head: {method: {"<k>shot": {"mean":…, "ci95":…}}}}}``."""
-    out: dict = {}
+    """DVC metrics: ``{benchmark: {head: {method: {"<k>shot": {"mean", "ci95", "gain", "gain_ci95", …}}}}}``
+    plus ``interval``: what the intervals cover."""
+    out: dict = {"interval": interval_note(rows)} if rows else {}
     for r in rows:
         out.setdefault(r["benchmark"], {}).setdefault(r["head"], {}).setdefault(r["method"], {})[f"{r['shot']}shot"] = {
-            "mean": round(r["mean"], 6), "ci95": round(r["ci95"], 6), "episodes": r["episodes"]}
+            **{k: _round(r[k]) for k in _FLOATS + _OPTIONAL},
+            **{k: r[k] for k in _INTS if k != "shot"}}
     return out
 
 

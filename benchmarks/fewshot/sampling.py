@@ -4,9 +4,11 @@ Every draw comes from its own ``numpy.random.Generator`` seeded by the full key 
 (base seed, benchmark, class, shot, trial / episode), so a support set or episode does not change
 when other classes, shots or episode counts are added, and the order of computation never matters.
 
-A support set is drawn per (benchmark, class, shot, trial); an episode picks N classes and, for each,
-one trial's support set (the images a generator was given as references) plus Q queries drawn from
-the class's *other* images, so a query is never in its own support."""
+A support set is drawn per (benchmark, class, shot, trial); an episode picks N classes and one
+trial, takes each class's support set of that trial (the images a generator was given as
+references) plus Q queries drawn from the class's *other* images, so a query is never in its own
+support. One trial for all classes of an episode nests episodes in trials: the T trials are the
+independent units the interval resamples (:mod:`.stats`), with no episode straddling two of them."""
 from __future__ import annotations
 
 import csv
@@ -103,7 +105,7 @@ class Episodes:
     queries: int
     seed: int
     classes: list[list[str]]   # (E, N)
-    trials: np.ndarray         # (E, N) which support trial each class uses
+    trials: np.ndarray         # (E, N) which support trial each class uses (sample_episodes: one per episode)
     support: np.ndarray        # (E, N, K) dataset rows
     query: np.ndarray          # (E, N, Q) dataset rows
 
@@ -154,9 +156,9 @@ def sample_episodes(spec: BenchmarkSpec, index: dict[str, np.ndarray], supports:
     for e in range(n_episodes):
         rng = key_rng(seed, "episode", spec.name, split, ways, shot, queries, e)
         chosen = [classes[i] for i in rng.choice(len(classes), size=ways, replace=False)]
+        t = int(rng.integers(trials))
         tr, sup, qry = [], [], []
         for c in chosen:
-            t = int(rng.integers(trials))
             if (c, shot, t) not in by_key:
                 raise KeyError(f"episode {e}: no support set for class {c!r}, {shot}-shot, trial {t}")
             s = np.asarray(by_key[(c, shot, t)].rows)

@@ -13,6 +13,8 @@ Layout (``D = <data_dir>/<benchmark>``, ``R = <results_dir>/<benchmark>``)::
     D/references/, D/synthesis.csv, D/synthetic/<method>/<class>/*.png             (synthesize)
     D/backbone/, D/features/<backbone tag>/*.safetensors                           (features)
     R/episodes.json, R/hparams.json, R/accuracy.csv                                (evaluate)
+    (D/backbone/ and D/features/ hold one backbone per replicate, named by the digest of its recipe
+    and seed, so replicates never share a file)
     R/accuracy.md, R/metrics.json, R/accuracy_vs_shots.png, R/samples/             (report)
 """
 from __future__ import annotations
@@ -27,8 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.fewshot import backbones as bb
 from benchmarks.fewshot import classifiers as clf
-from benchmarks.fewshot import data, reports, sampling, synthesis
+from benchmarks.fewshot import data, reports, sampling, stats, synthesis
 from benchmarks.fewshot.registry import BenchmarkSpec, get_benchmark
 from benchmarks.params import load_section
 from benchmarks.worksharing import ClaimBoard
@@ -51,6 +54,7 @@ class BackboneParams:
     feature_batch_size: int = 256
     num_workers: int = 0              # DataLoader workers decoding/augmenting images
     device: str = "auto"
+    replicates: int = 3               # backbones trained, each with its own seed; every ± spans them (stats.py)
 
 
 @dataclass
@@ -75,6 +79,7 @@ class EvaluateParams:
     finetune_steps: int = 100
     finetune_lr: float = 1e-3
     finetune_episodes: int = 0        # 0: all test episodes
+    bootstrap: int = 2000             # resamples of the cluster bootstrap over support-set trials (stats.py)
 
 
 @dataclass
@@ -194,14 +199,18 @@ def stage_synthesize(run: Run) -> None:
     run.save_config("synthesize")
 
 
-def _backbone(run: Run) -> tuple[torch.nn.Module, str]:
-    """The backbone and a tag naming it (the feature cache is keyed by it)."""
+def _backbone(run: Run, replicate: int = 0) -> tuple[torch.nn.Module, str]:
+    """The backbone of ``replicate`` and a tag naming it (the feature cache is keyed by it). Trained
+    backbones take the seed ``key_seed(seed, "backbone", replicate)``, which enters the file name."""
     b = run.p.backbone
     if b.pretrained or b.checkpoint:
-        model = clf.create_backbone(b.name, pretrained=b.pretrained, checkpoint=b.checkpoint)
-        tag = f"{b.name}-" + ("imagenet" if b.pretrained else f"ckpt-{clf.file_digest(b.checkpoint)}")
+        if b.replicates != 1:
+            raise ValueError(f"backbone.replicates is {b.replicates}, but a pretrained or checkpoint backbone is one "
+                             "fixed model; set replicates: 1 (its intervals then leave backbone variance out)")
+        model = bb.create_backbone(b.name, pretrained=b.pretrained, checkpoint=b.checkpoint)
+        tag = f"{b.name}-" + ("imagenet" if b.pretrained else f"ckpt-{bb.file_digest(b.checkpoint)}")
         return model, f"{tag}-{run.image_size}px"
-    cfg = clf.TrainConfig(b.epochs, b.batch_size, b.lr, b.weight_decay, run.p.seed)
+    cfg = bb.TrainConfig(b.epochs, b.batch_size, b.lr, b.weight_decay, sampling.key_seed(run.p.seed, "backbone", replicate))
     recipe = {"name": b.name, "image_size": run.image_size, **dataclasses.asdict(cfg)}
     path = run.dir / "backbone" / f"{b.name}-{_digest(recipe)}.safetensors"
     if not path.is_file():
@@ -209,11 +218,11 @@ def _backbone(run: Run) -> tuple[torch.nn.Module, str]:
         train = [i for i, s in enumerate(splits) if s == "train"]
         labels = [all_labels[i] for i in train]
         torch.manual_seed(cfg.seed)  # the initialisation: train_backbone seeds only what comes after it
-        model = clf.train_backbone(clf.create_backbone(b.name), run.image, train, labels, run.image_size, cfg,
-                                   device=run.device, num_workers=b.num_workers, progress=run.p.progress)
-        clf.save_backbone(model.cpu(), path, recipe)
+        model = bb.train_backbone(bb.create_backbone(b.name), run.image, train, labels, run.image_size, cfg,
+                                  device=run.device, num_workers=b.num_workers, progress=run.p.progress)
+        bb.save_backbone(model.cpu(), path, recipe)
         write_json(path.with_suffix(".json"), recipe)
-    return clf.create_backbone(b.name, checkpoint=path), path.stem + f"-{run.image_size}px"
+    return bb.create_backbone(b.name, checkpoint=path), path.stem + f"-{run.image_size}px"
 
 
 def _digest(obj) -> str:
@@ -247,17 +256,15 @@ class _FileImages:
             return im.convert("RGB")
 
 
-def _features(run: Run, model=None) -> tuple[torch.Tensor, dict[str, dict]]:
-    """Real features as a (num_rows, D) table (zeros for unused train rows) and, per method, the
-    synthetic features by (class, shot, trial). Computes and caches whatever is missing."""
-    if model is None:
-        model, tag = _backbone(run)
-    else:
-        model, tag = model
+def _features(run: Run, backbone: tuple[torch.nn.Module, str]) -> tuple[torch.Tensor, dict[str, dict]]:
+    """Real features of ``backbone`` (from :func:`_backbone`) as a (num_rows, D) table (zeros for
+    unused train rows) and, per method, the synthetic features by (class, shot, trial). Computes and
+    caches whatever is missing."""
+    model, tag = backbone
     fdir = run.dir / "features" / tag
     b = run.p.backbone
     rows = _eval_rows(run)
-    real = clf.cached_features(fdir / "real.safetensors", [str(r) for r in rows], lambda: clf.extract_features(
+    real = bb.cached_features(fdir / "real.safetensors", [str(r) for r in rows], lambda: bb.extract_features(
         model, _RowImages(run, rows), len(rows), run.image_size, b.feature_batch_size, run.device,
         f"{run.spec.name} features", b.num_workers, run.p.progress))
     table = torch.zeros(run.ds.num_rows, real.shape[1])
@@ -273,7 +280,7 @@ def _features(run: Run, model=None) -> tuple[torch.Tensor, dict[str, dict]]:
         missing = [p for p in paths if not Path(p).is_file()]
         if missing:
             raise FileNotFoundError(f"method {method!r}: {len(missing)} synthetic images missing, e.g. {missing[0]}; run the synthesize stage")
-        feats = clf.cached_features(fdir / f"synthetic-{method}.safetensors", paths, lambda: clf.extract_features(
+        feats = bb.cached_features(fdir / f"synthetic-{method}.safetensors", paths, lambda: bb.extract_features(
             model, _FileImages(paths), len(paths), run.image_size, b.feature_batch_size,
             run.device, f"{method} features", b.num_workers, run.p.progress))
         out, start = {}, 0
@@ -284,51 +291,82 @@ def _features(run: Run, model=None) -> tuple[torch.Tensor, dict[str, dict]]:
     return table, synth
 
 
+def _replicates(run: Run) -> range:
+    if run.p.backbone.replicates < 1:
+        raise ValueError(f"backbone.replicates must be >= 1, got {run.p.backbone.replicates}")
+    return range(run.p.backbone.replicates)
+
+
 def stage_features(run: Run) -> None:
-    _features(run)
+    for r in _replicates(run):
+        _features(run, _backbone(run, r))
     run.save_config("features")
 
 
 def stage_evaluate(run: Run) -> None:
+    """Per replicate (backbone seed): hyper-parameters selected on validation episodes, then test
+    accuracy per episode; then each (method, head, shot) summarised with its interval, and its gain
+    over real-only paired by episode and replicate (:mod:`.stats`)."""
     p, e = run.p, run.p.evaluate
-    backbone = _backbone(run)
-    table, synth = _features(run, backbone)
-    results, hparams, per_episode = [], {}, {}
-    for shot in p.shots:
-        val = sampling.Episodes.load(run.episodes_path("val", shot))
-        test = sampling.Episodes.load(run.episodes_path("test", shot))
-        for method in p.methods:
-            s = synth.get(method)
-            if s is not None and not any(k[1] == shot for k in s):
-                log.info("%s: no %d-shot images of %s (needs more references); left out", run.spec.name, shot, method)
-                continue
-            s_val = s if (s is not None and "val" in p.synthesis.splits) else None
-            for head in e.heads:
-                grid = [{"l2": v, "max_iter": e.linear_max_iter} for v in e.linear_l2] if head == "linear" else [{}]
-                best, val_table = clf.select_hyperparameters(run.spec, head, grid, table, val, s_val)
-                accs = clf.episode_accuracies(head, table, test, s, progress=p.progress, **best)
-                results.append(_row(run, method, head, shot, accs))
-                hparams[f"{method}/{head}/{shot}shot"] = {"selected": best, "validation": val_table}
-                per_episode[f"{method}/{head}/{shot}shot"] = accs.round(6).tolist()
-            if e.finetune:
-                sub = test.head(e.finetune_episodes or len(test))
-                images = None if s is None else synthesis.images_by_support(
-                    synthesis.read_manifest(run.dir / "synthesis.csv"), method)
-                accs = clf.finetune_accuracies(backbone[0], run.image, sub, run.image_size, images, e.finetune_steps,
-                                               e.finetune_lr, p.seed, run.device, p.progress)
-                results.append(_row(run, method, "finetune", shot, accs))
-                per_episode[f"{method}/finetune/{shot}shot"] = accs.round(6).tolist()
+    tests = {shot: sampling.Episodes.load(run.episodes_path("test", shot)) for shot in p.shots}
+    accs: dict[tuple[str, str, int], list[np.ndarray]] = {}
+    hparams: dict[str, list] = {}
+    tags = []
+    for r in _replicates(run):
+        backbone = _backbone(run, r)
+        tags.append(backbone[1])
+        table, synth = _features(run, backbone)
+        for shot in p.shots:
+            val, test = sampling.Episodes.load(run.episodes_path("val", shot)), tests[shot]
+            for method in p.methods:
+                s = synth.get(method)
+                if s is not None and not any(k[1] == shot for k in s):
+                    log.info("%s: no %d-shot images of %s (needs more references); left out", run.spec.name, shot, method)
+                    continue
+                s_val = s if (s is not None and "val" in p.synthesis.splits) else None
+                for head in e.heads:
+                    grid = [{"l2": v, "max_iter": e.linear_max_iter} for v in e.linear_l2] if head == "linear" else [{}]
+                    best, val_table = clf.select_hyperparameters(run.spec, head, grid, table, val, s_val)
+                    accs.setdefault((method, head, shot), []).append(
+                        clf.episode_accuracies(head, table, test, s, progress=p.progress, **best))
+                    hparams.setdefault(f"{method}/{head}/{shot}shot", []).append(
+                        {"backbone": backbone[1], "selected": best, "validation": val_table})
+                if e.finetune:
+                    sub = test.head(e.finetune_episodes or len(test))
+                    images = None if s is None else synthesis.images_by_support(
+                        synthesis.read_manifest(run.dir / "synthesis.csv"), method)
+                    accs.setdefault((method, "finetune", shot), []).append(clf.finetune_accuracies(
+                        backbone[0], run.image, sub, run.image_size, images, e.finetune_steps, e.finetune_lr,
+                        p.seed, run.device, p.progress))
+    resampling = {}   # per shot and episode count: one for every method, head and gain
+    results = []
+    for (method, head, shot), values in accs.items():
+        n = len(values[0])
+        if (shot, n) not in resampling:
+            resampling[shot, n] = stats.trial_bootstrap(
+                tests[shot].head(n), e.bootstrap, sampling.key_rng(p.seed, "bootstrap", run.spec.name, shot, n))
+        real = accs.get((synthesis.REAL_ONLY, head, shot))
+        results.append(_row(run, method, head, shot, np.stack(values), resampling[shot, n],
+                            None if method == synthesis.REAL_ONLY or real is None else np.stack(real)))
     write_json(run.results / "hparams.json", hparams)
-    write_json(run.results / "episodes.json", per_episode)
+    write_json(run.results / "episodes.json", {"backbones": tags, "accuracy": {
+        f"{m}/{h}/{k}shot": np.stack(v).round(6).tolist() for (m, h, k), v in accs.items()}})
     reports.write_accuracy_csv(results, run.results / "accuracy.csv")
     run.save_config("evaluate")
 
 
-def _row(run: Run, method: str, head: str, shot: int, accs: np.ndarray) -> dict:
-    mean, ci = clf.mean_ci95(accs)
-    log.info("%s %s %s %d-shot: %.2f ± %.2f", run.spec.name, method, head, shot, 100 * mean, 100 * ci)
-    return {"benchmark": run.spec.name, "method": method, "head": head, "shot": shot, "mean": mean, "ci95": ci,
-            "episodes": len(accs)}
+def _row(run: Run, method: str, head: str, shot: int, accs: np.ndarray, boot: stats.TrialBootstrap,
+         real: np.ndarray | None) -> dict:
+    """``accs``, ``real``: (replicates, episodes) accuracies of the method and of real-only."""
+    acc = stats.interval(accs, boot)
+    row = {"benchmark": run.spec.name, "method": method, "head": head, "shot": shot, "mean": acc["mean"],
+           "ci95": acc["ci95"], "gain": None, "gain_ci95": None, "episodes": acc["episodes"],
+           "replicates": acc["replicates"], "trials": acc["trials"], "resamples": run.p.evaluate.bootstrap}
+    if real is not None:
+        gain = stats.interval(accs - real, boot)
+        row.update(gain=gain["mean"], gain_ci95=gain["ci95"])
+    log.info("%s %s %s %d-shot: %.2f ± %.2f", run.spec.name, method, head, shot, 100 * acc["mean"], 100 * acc["ci95"])
+    return row
 
 
 def stage_report(run: Run) -> None:
@@ -348,7 +386,8 @@ def _backbone_note(b: BackboneParams) -> str:
                 "miniImageNet's test classes, so these numbers are not comparable with base-class training.")
     if b.checkpoint:
         return f"Backbone: timm `{b.name}` with weights from `{b.checkpoint}`."
-    return f"Backbone: timm `{b.name}` trained from scratch on the base (meta-train) classes, {b.epochs} epochs."
+    return (f"Backbone: timm `{b.name}` trained from scratch on the base (meta-train) classes, {b.epochs} epochs, "
+            f"{b.replicates} time(s) with its own seed (replicates).")
 
 
 STAGE_FUNCS = {"download": stage_download, "episodes": stage_episodes, "synthesize": stage_synthesize,

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from benchmarks.fewshot.classifiers import IMAGENET_MEAN, IMAGENET_STD
+from benchmarks.fewshot.backbones import IMAGENET_MEAN, IMAGENET_STD
 from benchmarks.fewshot.registry import unknown_error
 from pipelines.io import atomic_path
 

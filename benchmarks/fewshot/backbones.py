@@ -1,0 +1,161 @@
+"""Backbones and their features: a timm model by name, trained here on the base (meta-train)
+classes — the standard protocol — or loaded pretrained from timm (``pretrained=True``; note that
+ImageNet pretraining has seen miniImageNet's test classes); features extracted once and cached on
+disk (safetensors, atomic), keyed by the backbone that made them."""
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from benchmarks.fewshot.registry import unknown_error
+from pipelines.io import save_tensors
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+
+def create_backbone(name: str, pretrained: bool = False, checkpoint: str | Path | None = None) -> torch.nn.Module:
+    """A timm feature extractor (``num_classes=0``), optionally with weights from ``checkpoint``."""
+    import timm
+
+    if name not in timm.list_models(pretrained=False):
+        raise unknown_error("unknown timm backbone", name, timm.list_models(pretrained=False))
+    if pretrained:
+        warnings.warn(f"backbone {name!r} is ImageNet-pretrained: it has seen miniImageNet's test classes, "
+                      "so its few-shot accuracies are not comparable with base-class training", stacklevel=2)
+    model = timm.create_model(name, pretrained=pretrained, num_classes=0)
+    if checkpoint is not None:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(checkpoint)))
+    return model.eval()
+
+
+def image_transform(image_size: int, augment: bool = False, generator: torch.Generator | None = None) -> Callable:
+    """PIL image -> normalised (3, s, s) tensor; ``augment`` adds a random flip and a small shift
+    drawn from ``generator`` (the data augmentation of base training and fine-tuning)."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+    def transform(image: Image.Image) -> torch.Tensor:
+        image = image.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        if augment:
+            if torch.rand((), generator=generator) < 0.5:
+                x = x.flip(-1)
+            pad = max(1, image_size // 8)
+            dx, dy = (int(v) for v in torch.randint(-pad, pad + 1, (2,), generator=generator))
+            x = torch.roll(F.pad(x, (pad, pad, pad, pad), mode="reflect"), (dy, dx), (1, 2))[:, pad:-pad, pad:-pad]
+        return (x - mean) / std
+
+    return transform
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    batch_size: int = 128
+    lr: float = 0.05
+    weight_decay: float = 5e-4
+    seed: int = 0
+
+
+class ImageRows(torch.utils.data.Dataset):
+    """``images(keys[i])`` through ``transform``, with ``targets[i]`` if given (for DataLoader workers)."""
+
+    def __init__(self, images: Callable, keys: Sequence, transform: Callable, targets: torch.Tensor | None = None):
+        self.images, self.keys, self.transform, self.targets = images, list(keys), transform, targets
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int):
+        x = self.transform(self.images(self.keys[i]))
+        return x if self.targets is None else (x, self.targets[i])
+
+
+def train_backbone(model: torch.nn.Module, images: Callable[[int], Image.Image], rows: Sequence[int],
+                   labels: Sequence[int], image_size: int, cfg: TrainConfig, device: str = "cpu",
+                   num_workers: int = 0, progress: bool = True) -> torch.nn.Module:
+    """Supervised training on the base classes (cross-entropy over a linear classifier that is
+    discarded afterwards), SGD with momentum and a cosine schedule. ``images(row)`` returns a PIL image.
+
+    Shuffling comes from a generator seeded by ``cfg.seed``; augmentation draws from the torch RNG of
+    the process or DataLoader worker, which torch seeds from that generator, so a run is
+    reproducible for a given ``num_workers``."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # initialisation of the classifier, augmentation when num_workers == 0
+    classes = sorted(set(int(y) for y in labels))
+    remap = {c: i for i, c in enumerate(classes)}
+    targets = torch.tensor([remap[int(y)] for y in labels])
+    loader = torch.utils.data.DataLoader(
+        ImageRows(images, [int(r) for r in rows], image_transform(image_size, augment=True), targets),
+        batch_size=cfg.batch_size, shuffle=True, generator=gen, num_workers=num_workers,
+        persistent_workers=num_workers > 0, pin_memory=device.startswith("cuda"))
+    classifier = torch.nn.Linear(model.num_features, len(classes))
+    model.to(device).train()
+    classifier.to(device)
+    params = list(model.parameters()) + list(classifier.parameters())
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs * len(loader))
+    bar = tqdm(range(cfg.epochs), desc=f"base training {type(model).__name__}", disable=not progress)
+    for epoch in bar:
+        for b, (x, y) in enumerate(loader):
+            loss = F.cross_entropy(classifier(model(x.to(device))), y.to(device))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"base training: loss is {loss.item()} at epoch {epoch}, batch {b}; lower the lr")
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return model.eval()
+
+
+def save_backbone(model: torch.nn.Module, path: str | Path, meta: dict) -> Path:
+    return save_tensors(path, dict(model.state_dict()), metadata={"config": json.dumps(meta, sort_keys=True)})
+
+
+def file_digest(path: str | Path, n: int = 12) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:n]
+
+
+@torch.no_grad()
+def extract_features(model: torch.nn.Module, images: Callable[[int], Image.Image], count: int, image_size: int,
+                     batch_size: int = 256, device: str = "cpu", desc: str = "features", num_workers: int = 0,
+                     progress: bool = True) -> torch.Tensor:
+    """(count, D) float32 features of ``images(0..count-1)``."""
+    model.to(device).eval()
+    loader = torch.utils.data.DataLoader(ImageRows(images, range(count), image_transform(image_size)),
+                                         batch_size=batch_size, num_workers=num_workers)
+    out = [model(x.to(device)).float().cpu() for x in tqdm(loader, desc=desc, disable=not progress)]
+    return torch.cat(out) if out else torch.zeros(0, model.num_features)
+
+
+def cached_features(path: str | Path, keys: list[str], compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Features of ``keys`` (row ids or image paths) from ``path`` if it holds exactly those keys,
+    else computed by ``compute()`` and saved there atomically."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    digest = hashlib.sha256("\n".join(keys).encode()).hexdigest()
+    if path.is_file():
+        with safe_open(str(path), "pt") as f:
+            if (f.metadata() or {}).get("keys_sha256") == digest:
+                return f.get_tensor("features")
+    feats = compute()
+    if feats.shape[0] != len(keys):
+        raise ValueError(f"{path}: computed {feats.shape[0]} features for {len(keys)} keys")
+    save_tensors(path, {"features": feats}, metadata={"keys_sha256": digest, "count": str(len(keys))})
+    return feats
