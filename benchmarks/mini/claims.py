@@ -37,7 +37,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -403,21 +402,21 @@ def claim_status(metrics: dict) -> list[dict]:
 
     out = []
     v, ok = at_least("head_minus_tail_fidelity_plain", 0.30)
-    out.append({"claim": "1", "figure": "head − tail fidelity, plain", "value": v, "target": ">= 0.30", "met": ok})
+    out.append({"claim": "1", "figure": "head − tail fidelity, plain", "value": v, "target": "≥ 30 points", "met": ok})
     if "tail_novel_fidelity_seedselect_minus_plain" in metrics:
         v, ok = at_least("tail_novel_fidelity_seedselect_minus_plain", 0.25)
         out.append({"claim": "2", "figure": "tail novel fidelity SeedSelect − plain", "value": v,
-                    "target": ">= 0.25", "met": ok})
+                    "target": "≥ +25 points", "met": ok})
     if "compute_ratio_unet_nao_over_seedselect" in metrics:
         ratios = [metrics.get(f"compute_ratio_{u}_nao_over_seedselect") for u in ("unet", "seconds")]
         out.append({"claim": "3", "figure": "compute (UNet evaluations, seconds) NAO-SeedSelect / SeedSelect to "
-                    "SeedSelect's final novel fidelity", "value": ratios, "target": "both <= 0.25",
+                    "SeedSelect's final novel fidelity", "value": ratios, "target": "both ≤ 0.25",
                     "met": all(r is not None and r <= 0.25 for r in ratios)})
     for k in ("seedselect", "nao_seedselect"):
         if f"tail_diversity_{k}" in metrics:
             div, share = metrics[f"tail_diversity_{k}"], metrics.get(f"tail_near_copy_share_{k}")
-            out.append({"claim": "4", "figure": f"tail diversity / near-copy share, {k.replace('_', '-')}",
-                        "value": [div, share], "target": "diversity >= 0.5 and near-copies <= 10%",
+            out.append({"claim": "4", "figure": f"tail diversity / near-copy share, {LABELS[k.replace('_', '-')]}",
+                        "value": [div, share], "target": "diversity ≥ 0.5 and near-copies ≤ 10%",
                         "met": div >= 0.5 and share is not None and share <= 0.10})
     return out
 
@@ -477,7 +476,7 @@ def readme(cfg: MiniConfig, metrics: dict, result: dict, plain: dict, selection:
         "| claim | figure | measured | target | met |", "|---|---|---|---|---|"]
     for c in claim_status(metrics):
         if c["claim"] == "4":
-            k = "seedselect" if c["figure"].endswith(", seedselect") else "nao_seedselect"
+            k = "seedselect" if c["figure"].endswith(", " + LABELS["seedselect"]) else "nao_seedselect"
             value = f"{f(f'tail_diversity_{k}', False)} / {f(f'tail_near_copy_share_{k}')}%"
         else:
             value = shown[c["claim"]]
