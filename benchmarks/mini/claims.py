@@ -377,7 +377,13 @@ class ClaimsRun:
                   "nao_iterations_to_seedselect_final": reached,
                   "seedselect_budget": len(evals["curve"]) - 1, "nao_budget": len(evals["nao-seedselect"]) - 1}
         result["budget"] = budget
-        out = {"seedselect_final_tail_novel_fidelity_from_random_seeds": target}
+        out = {"seedselect_final_tail_novel_fidelity_from_random_seeds": target,
+               # the curve itself, whether or not the claim holds (means over seeds)
+               "novel_fidelity_vs_compute": {
+                   key_name(m): {"unet_evaluations": evals[name],
+                                 "seconds": np.mean(seconds[name], axis=0).round(4).tolist(),
+                                 "novel_fidelity": np.mean(curves[name], axis=0).round(4).tolist()}
+                   for name, m in (("curve", "seedselect"), ("nao-seedselect", "nao-seedselect"))}}
         why = ("SeedSelect from random seeds made no correct non-copy image" if target <= 0 else
                "NAO-SeedSelect did not reach SeedSelect's final novel fidelity within its budget on some seed"
                if any(k is None for k in reached) else None)
