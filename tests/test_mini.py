@@ -33,8 +33,8 @@ def test_tokenizer_matches_open_clip_ids():
 
 # ---------------------------------------------------------------- data
 
-CI_DATA = DataConfig(source="sklearn_digits", image_size=16, tail_classes=[3, 8], imbalance=400.0,
-                     n_train_tail=4, n_test=20, n_references=5, n_encoder=40, n_evaluator=40)
+CI_DATA = DataConfig(source="sklearn_digits", image_size=16, tail_classes=[3, 8], val_classes=[5], imbalance=400.0,
+                     n_train_tail=4, n_test=20, n_references=8, n_encoder=40, n_evaluator=40)
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +51,11 @@ def test_splits_are_disjoint_balanced_and_long_tailed(digits):
         counts = np.bincount(labels[parts[split]], minlength=10)
         assert len(set(counts.tolist())) == 1, f"{split} is not balanced: {counts}"
     train_counts = np.bincount(labels[parts["train"]], minlength=10)
-    assert train_counts[3] == train_counts[8] == 4 and train_counts[0] > 40
+    assert train_counts[3] == train_counts[8] == train_counts[5] == 4 and train_counts[0] > 40
     w = data.draw_weights(labels[parts["train"]], CI_DATA)
     per_class = np.bincount(labels[parts["train"]], weights=w, minlength=10)
     assert per_class[0] / per_class[3] == pytest.approx(400.0)
+    assert per_class[0] / per_class[5] == pytest.approx(400.0)  # the validation class is as rare as the tail
     assert w.sum() == pytest.approx(1.0)
     # seeded: same config, same split; another seed, another split
     assert np.array_equal(data.split_indices(labels, CI_DATA)["test"], parts["test"])
@@ -66,6 +67,8 @@ def test_split_errors_name_the_problem(digits):
     _, labels = digits
     with pytest.raises(ValueError, match="tail_classes"):
         data.split_indices(labels, DataConfig(source="sklearn_digits", tail_classes=[12]))
+    with pytest.raises(ValueError, match=r"classes \[2\] are both tail \(test\) and validation"):
+        data.split_indices(labels, DataConfig(source="sklearn_digits", n_test=20, val_classes=[2]))
     with pytest.raises(ValueError, match=r"class \d \(\w+\) has \d+ images, the split sizes need \d+"):
         data.split_indices(labels, DataConfig(source="sklearn_digits", n_test=500))
     with pytest.raises(ValueError, match="unknown mini data source"):
@@ -94,18 +97,44 @@ class _ByMeanEvaluator:
         return x.flatten(1)
 
 
-def test_fidelity_and_diversity():
+def test_fidelity():
     ev = _ByMeanEvaluator()
     imgs = torch.full((4, 3, 4, 4), 0.35)
     imgs[0] = 0.75
     assert metrics.fidelity(ev, imgs, 3) == pytest.approx(0.75)
+
+
+def _digits01(label, n, offset=0):
+    x, y = data.load_source("sklearn_digits")
+    return data.to_unit(data.to_rgb(x[y == label][offset:offset + n], 16))
+
+
+def test_copies_score_as_copies_and_real_images_do_not():
+    """Issue 12: 10 copies of each of 5 references scored a diversity of 0.82 (mean pairwise distance);
+    they must score near-copy share ~1 and diversity ~0, while new real images score neither."""
+    ev = _ByMeanEvaluator()
+    refs, heldout, new = _digits01(3, 5), _digits01(3, 40, offset=5), _digits01(3, 50, offset=45)
     g = torch.Generator().manual_seed(0)
-    real = torch.rand(8, 3, 4, 4, generator=g)
-    copies = real[:1].repeat(8, 1, 1, 1) + 1e-4 * torch.rand(8, 3, 4, 4, generator=g)
-    assert metrics.diversity(ev, real, real) == pytest.approx(1.0)
-    assert metrics.diversity(ev, copies, real) < 0.01
-    with pytest.raises(ValueError, match=">= 2 images"):
-        metrics.mean_pairwise_distance(torch.ones(1, 3))
+    copies = refs.repeat(10, 1, 1, 1) + 1e-3 * torch.rand(50, 3, 16, 16, generator=g)
+    pairwise = torch.cdist(ev.features(copies), ev.features(copies)).sum() / (50 * 49)
+    real_pairwise = torch.cdist(ev.features(heldout), ev.features(heldout)).sum() / (40 * 39)
+    assert pairwise / real_pairwise > 0.7          # what the old diversity saw: far-apart references
+    mem = metrics.memorisation(ev, copies, refs, heldout, percentile=5.0, label=3)
+    assert mem["near_copy_share"] == 1.0 and mem["near_copy"].all()
+    assert mem["nearest_reference_cosine"] > 0.999 and mem["nearest_reference_pixel_rmse"] < 1e-3
+    assert metrics.diversity(ev, copies, heldout) < 0.01
+    assert mem["novel_fidelity"] == 0.0            # recognisable or not, a copy is not a new image
+    fresh = metrics.memorisation(ev, new, refs, heldout, percentile=5.0)
+    assert fresh["near_copy_share"] <= 0.1, fresh
+    assert 0.7 < metrics.diversity(ev, new, heldout) < 1.3
+    # the threshold is a low percentile of distinct held-out images' nearest-neighbour distances
+    f = metrics.unit_features(ev, heldout)
+    nn = metrics.nearest_distance(f, f, exclude_self=True)
+    assert (nn < metrics.near_copy_threshold(f, 5.0)).double().mean() <= 0.05
+    with pytest.raises(ValueError, match="percentile"):
+        metrics.near_copy_threshold(f, 0.0)
+    with pytest.raises(ValueError, match=">= 2 generated"):
+        metrics.diversity(ev, copies[:1], heldout)
 
 
 def test_ci95():
@@ -131,12 +160,13 @@ CI_PARAMS = {
     "evaluator": {"steps": 150, "batch_size": 64},
     "check": {"num_images_per_class": 20, "num_inference_steps": 10, "guidance_scale": 5.0, "seeds": [0, 1]},
     "claims": {"images_per_class": 8, "seeds": [0, 1], "num_inference_steps": 10, "batch_size": 16, "curve_images": 2,
-               "grid_images": 4,
+               "grid_images": 4, "references_per_seed": 4,
                "methods": {"sd": {"guidance_scale": 5.0},
-                           "seedselect": {"guidance_scale": 1.0, "lr_after": 0.1, "bootstrap": True,
-                                          "bootstrap_iterations": 5, "iterations": 15, **NO_CHECKPOINTING},
+                           "seedselect": {"bootstrap": True, "bootstrap_iterations": 5, "iterations": 15,
+                                          **NO_CHECKPOINTING},
                            "nao-seedselect": {"n_points": 6, "nao_solver": "default", "inversion_steps": 20,
                                               **NO_CHECKPOINTING}}},
+    "select": {"grid": {"seedselect": {"guidance_scale": [5.0, 1.0], "lr_after": [0.1]}}, "images_per_class": 4},
 }
 
 
@@ -145,10 +175,11 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("mini")
     params = root / "params.yaml"
     claims = {**CI_PARAMS["claims"], "work_dir": str(root / "claims")}
-    params.write_text(yaml.safe_dump({"mini": {**CI_PARAMS, "claims": claims, "root": str(root / "data"),
+    select = {**CI_PARAMS["select"], "work_dir": str(root / "select")}
+    params.write_text(yaml.safe_dump({"mini": {**CI_PARAMS, "claims": claims, "select": select, "root": str(root / "data"),
                                                "results": str(root / "results")}}))
     seconds = {}
-    for stage in ("data", "text", "vae", "diffusion", "encoder", "evaluator", "check", "claims"):
+    for stage in ("data", "text", "vae", "diffusion", "encoder", "evaluator", "check", "select", "claims"):
         t = time.perf_counter()
         run_stage(stage, str(params))
         seconds[stage] = round(time.perf_counter() - t, 1)
@@ -203,14 +234,44 @@ def test_reduced_world_loads_with_the_real_model_classes(world):
 # ---------------------------------------------------------------- claims 2-5: traces, budget, stage
 
 
-def test_iterations_to_reach():
-    from benchmarks.mini.claims import iterations_to_reach
+def test_compute_accounting():
+    from benchmarks.mini.claims import first_reaching, unet_evaluations, unit_seconds
+    from pipelines.nao_seedselect import NaoSeedSelectSettings
+    from pipelines.seedselect import SeedSelectSettings
 
-    ss = [0.0, 0.25, 0.5, 0.75, 0.5, 0.75]          # first reaches its final 0.75 at iteration 3
-    assert iterations_to_reach(ss, [0.5, 0.75, 1.0]) == (3, 1)
-    assert iterations_to_reach(ss, [1.0, 1.0]) == (3, 0)
-    assert iterations_to_reach(ss, [0.25, 0.5]) == (3, None)    # never within NAO's budget
-    assert iterations_to_reach([0.5, 0.5], [0.5]) == (0, 0)     # SeedSelect gained nothing
+    assert first_reaching([0.0, 0.25, 0.75, 0.5], 0.75) == 2
+    assert first_reaching([0.5, 0.5], 0.75) is None
+    # k + 1 renders of 20 steps; two UNet evaluations per step with guidance; NAO adds its inversions
+    assert unet_evaluations(SeedSelectSettings(guidance_scale=7.5), 30) == 31 * 20 * 2
+    assert unet_evaluations(SeedSelectSettings(guidance_scale=1.0), 0) == 20
+    assert unet_evaluations(NaoSeedSelectSettings(), 5, inversions_per_image=50 * 5 / 50) == 6 * 20 + 5
+    # 2 images, 10 s in all of which 6 s optimisation (3 s each): 2 s one-off per image + 3 s pro rata
+    unit = {"images": torch.zeros(2, 3, 4, 4), "record": {"seconds": 10.0, "optimise_seconds": [3.0, 3.0]}}
+    assert unit_seconds(unit, 4, 4) == pytest.approx(2 + 3)
+    assert unit_seconds(unit, 0, 4) == pytest.approx(2 + 3 / 5)
+
+
+def test_a_claim_whose_figure_misses_its_target_is_not_met():
+    from benchmarks.mini.claims import claim_status
+
+    good = {"head_minus_tail_fidelity_plain": 0.9, "tail_novel_fidelity_seedselect_minus_plain": 0.6,
+            "compute_ratio_unet_nao_over_seedselect": 0.2, "compute_ratio_seconds_nao_over_seedselect": 0.1,
+            "tail_diversity_seedselect": 0.7, "tail_near_copy_share_seedselect": 0.0,
+            "tail_diversity_nao_seedselect": 0.6, "tail_near_copy_share_nao_seedselect": 0.05}
+
+    def met(m):
+        return {(c["claim"], c["figure"]): c["met"] for c in claim_status(m)}
+
+    assert all(met(good).values()) and len(met(good)) == 5
+    misses = {"head_minus_tail_fidelity_plain": 0.29, "tail_novel_fidelity_seedselect_minus_plain": 0.2,
+              "compute_ratio_seconds_nao_over_seedselect": 0.3,  # fewer UNet evaluations but more seconds
+              "tail_near_copy_share_nao_seedselect": 0.11,       # diverse, but copies
+              "tail_diversity_seedselect": 0.49}
+    for key, value in misses.items():
+        status = met({**good, key: value})
+        assert list(status.values()).count(False) == 1, (key, status)
+    undefined = met({**good, "compute_ratio_unet_nao_over_seedselect": None})   # never reached the target
+    assert [k for k, v in undefined.items() if not v] == [("3", next(k[1] for k in undefined if k[0] == "3"))]
 
 
 def test_trace_holds_the_best_so_far_image_also_after_an_early_stop():
@@ -256,30 +317,61 @@ def test_trace_holds_the_best_so_far_image_also_after_an_early_stop():
 
 def test_reduced_world_seedselect_and_nao_fix_the_tail(world):
     m = json.loads((world.results_dir / "metrics.json").read_text())
-    # claim 2 (direction): seed selection from 5 references makes the tail classes plain sampling misses
+    # claim 2 (direction): seed selection from a few references makes the tail classes plain sampling misses
     assert m["tail_fidelity_seedselect"] - m["tail_fidelity_plain"] > 0.25, m
     assert m["tail_fidelity_nao_seedselect"] - m["tail_fidelity_plain"] > 0.25, m
     assert m["head_minus_tail_fidelity_plain"] > 0.3  # claim 1 is carried over from the check stage
     for k in ("plain", "seedselect", "nao_seedselect"):
         assert 0 < m[f"tail_diversity_{k}"] < 3, k
+        assert 0 <= m[f"tail_near_copy_share_{k}"] <= 1 and m[f"tail_novel_fidelity_{k}"] <= m[f"tail_fidelity_{k}"]
     result = json.loads((world.results_dir / "claims.json").read_text())
     budget = result["budget"]
     assert budget["seedselect_budget"] == 15 and budget["nao_budget"] == 5
-    assert len(budget["seedselect_curve_per_seed"]) == 2 and len(budget["seedselect_curve_per_seed"][0]) == 16
+    assert len(budget["seedselect_novel_curve_per_seed"]) == 2 and len(budget["seedselect_novel_curve_per_seed"][0]) == 16
     assert len(budget["nao_iterations_to_seedselect_final"]) == 2
-    ratio = m["iterations_ratio_nao_over_seedselect"]
+    # compute: SeedSelect at the chosen guidance, NAO at guidance 1 plus 20 inversion steps x 4 references / 8 images
+    ss = result["methods"]["seedselect"]["settings"]
+    assert budget["seedselect_unet_evaluations"][-1] == 16 * 10 * (2 if ss["guidance_scale"] > 1 else 1)
+    assert budget["nao_seedselect_unet_evaluations"] == [(k + 1) * 10 + 20 * 4 / 8 for k in range(6)]
+    assert all(b > a for a, b in zip(budget["seedselect_seconds_per_seed"][0], budget["seedselect_seconds_per_seed"][0][1:]))
+    ratio = m["compute_ratio_unet_nao_over_seedselect"]
     assert (ratio is None) == ("ratio_undefined_because" in budget)
-    assert ratio is None or 0 <= ratio <= 5  # NAO's budget over at least one SeedSelect iteration
+    claim3 = next(c for c in result["claims"] if c["claim"] == "3")
+    assert claim3["met"] == (ratio is not None and ratio <= 0.25 and m["compute_ratio_seconds_nao_over_seedselect"] <= 0.25)
+    # the settings came from the validation class, and are the ones the claims ran
+    selection = json.loads((world.results_dir / "selection.json").read_text())
+    assert selection["val_classes"] == ["five"] and len(selection["candidates"]) == 2
+    assert {k: ss[k] for k in selection["chosen"]["seedselect"]} == selection["chosen"]["seedselect"]
+    best = max(selection["candidates"], key=lambda r: r["novel_fidelity"])
+    assert selection["chosen"]["seedselect"] == best["values"]
+    # replicates draw their own references from the pool
+    for name, per_seed in result["references"].items():
+        assert per_seed["0"] != per_seed["1"] and len(per_seed["0"]) == 4, name
     # bootstrap: z* ran at most the full budget, every other image at most 5 iterations
     assert 0 < result["methods"]["seedselect"]["updates_per_image"] <= (15 + 7 * 5) / 8
     assert result["methods"]["nao-seedselect"]["updates_per_image"] <= 5
     readme = (world.results_dir / "README.md").read_text()
-    assert "| 2 SeedSelect fixes it |" in readme and "| NAO-SeedSelect |" in readme
+    assert "| 2 | tail novel fidelity SeedSelect − plain |" in readme and "| NAO-SeedSelect |" in readme
+    assert "validation** digits five" in readme
     from PIL import Image
 
     for name in ("three", "eight"):
         grid = Image.open(world.results_dir / "grids" / f"{name}.png")
         assert grid.height == 4 * (16 * 2 + 2)  # references + 3 methods, 16 px images shown at 2x
+
+
+def test_other_references_change_nao_seedselects_images(world):
+    from benchmarks.mini import claims
+
+    run = claims.ClaimsRun(world, selected={})
+    label = world.data.tail_classes[0]
+    s = run.settings("nao-seedselect")
+    before = run._nao_seedselect(label, 0, 4, s)["images"]
+    names = [r.name for r in run.references(label, 0)]
+    run.pool[label] = [r for r in run.pool[label] if r.name not in names[:2]]   # two references no longer there
+    assert [r.name for r in run.references(label, 0)] != names
+    after = run._nao_seedselect(label, 0, 4, s)["images"]
+    assert not torch.equal(before, after)
 
 
 def test_claims_rerun_reuses_finished_units_and_a_changed_setting_makes_new_ones(world, monkeypatch):
@@ -315,7 +407,7 @@ def test_claims_unit_names_change_with_references_and_generation_code(world, mon
     name = run.unit_path("sd", label, 0, 8, settings)
     assert run.unit_path("sd", label, 0, 8, settings) == name                   # deterministic
     assert run.unit_path("sd", label, 1, 8, settings) != name                   # seed
-    run.refs[label] = run.refs[label][:-1]
+    run.pool[label] = run.pool[world.data.tail_classes[1]]
     assert run.unit_path("sd", label, 0, 8, settings) != name                   # other reference images
     monkeypatch.setattr(claims, "UNIT_VERSION", claims.UNIT_VERSION + 1)
     assert claims.code_fingerprint() != run.code                                # generation code
@@ -339,9 +431,27 @@ def test_claims_bad_settings_name_the_problem(world, tmp_path):
     cfg.claims.methods = {"sd": {}, "dct": {"lr": 0.02}}
     with pytest.raises(ValueError, match="dct needs `classifier`"):
         claims.run(cfg)
+    cfg.claims.methods = {"sd": {}}
+    cfg.claims.references_per_seed = 9
+    with pytest.raises(ValueError, match="references_per_seed = 9 needs >= 2 and at most the reference pool"):
+        claims.ClaimsRun(cfg)
     cfg.results = str(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="mini_check"):
         claims.run(cfg)
+
+
+def test_select_bad_settings_name_the_problem(world):
+    import copy
+
+    from benchmarks.mini import select
+
+    cfg = copy.deepcopy(world)
+    cfg.select.grid = {"dct": {"lr": [0.01]}}
+    with pytest.raises(ValueError, match=r"cannot select settings of \['dct'\]"):
+        select.run(cfg)
+    cfg.data.val_classes = []
+    with pytest.raises(ValueError, match="val_classes is empty"):
+        select.run(cfg)
 
 
 def test_committed_params_build_every_claims_method():
@@ -354,3 +464,7 @@ def test_committed_params_build_every_claims_method():
     for method in cfg.claims.methods:   # built as the stage builds them: unknown keys raise
         assert isinstance(method_settings(cfg.claims, method), get_method(method).settings_cls)
     assert cfg.claims.images_per_class >= 50 and len(cfg.claims.seeds) >= 3  # the issue's minimum
+    # replicates can resample references; settings are chosen on classes the claims never score
+    assert cfg.data.n_references > cfg.claims.references_per_seed
+    assert cfg.data.val_classes and not set(cfg.data.val_classes) & set(cfg.data.tail_classes)
+    assert set(cfg.select.grid) <= set(cfg.claims.methods)

@@ -7,7 +7,7 @@ import json
 from .common import set_threads
 from .config import load_config
 
-STAGES = ("data", "vae", "text", "diffusion", "encoder", "evaluator", "check", "claims")
+STAGES = ("data", "vae", "text", "diffusion", "encoder", "evaluator", "check", "select", "claims")
 
 
 def run_stage(stage: str, params: str = "params.yaml") -> dict:
@@ -41,6 +41,10 @@ def run_stage(stage: str, params: str = "params.yaml") -> dict:
         from . import check
 
         return check.run(cfg)
+    if stage == "select":
+        from . import select
+
+        return select.run(cfg)
     if stage == "claims":
         from . import claims
 

