@@ -4,8 +4,9 @@ resampling, each run as a synthesis *variant* of the few-shot benchmark (``fewsh
 same support sets, same contrast sets, same seeds).
 
 For each variant: fidelity of its images of the mini world's tail classes (the independent mini
-evaluator's accuracy; never the DCT guide or SeedSelect's CLIP), diversity (benchmarks.mini.metrics,
-real = 1), optimiser updates and seconds per image (from the per-image records the pipelines wrote),
+evaluator's accuracy; never the DCT guide or SeedSelect's CLIP), novel fidelity and near-copy share
+(against the support images the variant was given; benchmarks.mini.metrics), diversity (real = 1),
+optimiser updates and seconds per image (from the per-image records the pipelines wrote),
 and the few-shot accuracy gain over real-only at each shot, paired by episode (the evaluate stage's
 gains and intervals). Fidelity and diversity intervals are Student-t over the synthesis groups (one
 contrast set per shot and trial), the unit that is resampled when support sets are redrawn.
@@ -70,6 +71,11 @@ def _records(run: Run, variant: str) -> list[dict]:
     return out
 
 
+def _load(paths) -> torch.Tensor:
+    return torch.stack([torch.from_numpy(np.asarray(Image.open(x).convert("RGB"))).permute(2, 0, 1)
+                        for x in paths]).float() / 255
+
+
 def _gains(run: Run, variant: str, head: str) -> dict[int, tuple[float, float] | None]:
     """shot -> (gain over real-only, its 95% half-width) from the evaluate stage's accuracy table."""
     path = run.results / "accuracy.csv"
@@ -86,7 +92,7 @@ def measure(p: RecipeParams, fs: FewShotParams) -> dict:
     from benchmarks.mini import data as mini_data
     from benchmarks.mini.config import DIGIT_NAMES
     from benchmarks.mini.evaluator import load_evaluator
-    from benchmarks.mini.metrics import diversity, fidelity
+    from benchmarks.mini.metrics import diversity, fidelity, memorisation
 
     run = Run(fs, p.benchmark)
     evaluator = load_evaluator(p.evaluator)
@@ -100,23 +106,28 @@ def measure(p: RecipeParams, fs: FewShotParams) -> dict:
         if not mine:
             raise ValueError(f"recipe row {label!r}: no synthetic images of {variant!r} for {p.tail_classes} in "
                              f"{run.dir / 'synthesis.csv'}; list it in fewshot.synthesis.methods")
-        fid, div = [], []
+        per_group: dict[str, list[float]] = {k: [] for k in ("fid", "novel", "copies", "div")}
         for key in sorted({(r.shot, r.trial) for r in mine}):   # one contrast set per (shot, trial)
-            f_group, d_group = [], []
+            g: dict[str, list[float]] = {k: [] for k in per_group}
             for c in p.tail_classes:
-                paths = [r.path for r in mine if (r.shot, r.trial) == key and r.class_name == c]
-                images = torch.stack([torch.from_numpy(np.asarray(Image.open(x).convert("RGB"))).permute(2, 0, 1)
-                                      for x in paths]).float() / 255
-                f_group.append(fidelity(evaluator, images, labels[c]))
-                d_group.append(diversity(evaluator, images, real[c]))
-            fid.append(float(np.mean(f_group)))
-            div.append(float(np.mean(d_group)))
+                rows_c = [r for r in mine if (r.shot, r.trial) == key and r.class_name == c]
+                images = _load([r.path for r in rows_c])
+                refs = _load([x for x in rows_c[0].refs.split(";") if x])
+                mem = memorisation(evaluator, images, refs, real[c], label=labels[c])
+                g["fid"].append(fidelity(evaluator, images, labels[c]))
+                g["novel"].append(mem["novel_fidelity"])
+                g["copies"].append(mem["near_copy_share"])
+                g["div"].append(diversity(evaluator, images, real[c]))
+            for k in per_group:
+                per_group[k].append(float(np.mean(g[k])))
         records = _records(run, variant)
         if not records:
             raise ValueError(f"recipe row {label!r}: no per-image records of {variant!r} under "
                              f"{run.dir / 'generation-runs'}; rerun the synthesize stage")
         out[variant] = {
-            "label": label, "groups": len(fid), "tail_fidelity": ci95(fid), "tail_diversity": ci95(div),
+            "label": label, "groups": len(per_group["fid"]), "tail_fidelity": ci95(per_group["fid"]),
+            "tail_novel_fidelity": ci95(per_group["novel"]), "near_copy_share": ci95(per_group["copies"]),
+            "tail_diversity": ci95(per_group["div"]),
             "updates_per_image": float(np.mean([r.get("updates", 0) for r in records])),
             "seconds_per_image": float(np.mean([r.get("seconds", 0.0) for r in records])),
             "images": len(records), "gain_over_real_only": _gains(run, variant, p.head)}
@@ -136,15 +147,19 @@ def render(result: dict, target_row: str = "seedselect", baseline_row: str = "se
              "synthesis variant of the few-shot benchmark: the same support sets, contrast sets (all test classes "
              "at a shot and trial) and seeds; only the loss and bootstrap differ.", "",
              f"Tail fidelity: accuracy of the independent mini evaluator on the images of {', '.join(result['tail_classes'])}; "
-             "diversity: mean pairwise evaluator-feature distance over the same for real images (real = 1). Their ± "
+             "novel fidelity: the same, counting near-copies of the variant's own support images as failures; "
+             "near-copies: share of images closer to a support image than 95% of held-out real images are to "
+             "their nearest other; diversity: nearest-other-image distance over the same for real images "
+             "(real = 1; copies ~0). Their ± "
              "is a Student-t 95% interval over the synthesis groups (shot, trial). Gains: "
              f"{result['head']} head, accuracy minus real-only, paired by episode, with the evaluate stage's interval.",
-             "", "| variant | tail fidelity (%) | diversity | updates / image | s / image | "
-             + " | ".join(f"gain {k}-shot (points)" for k in shots) + " |",
-             "|---|---|---|---|---|" + "---|" * len(shots)]
+             "", "| variant | tail fidelity (%) | novel fidelity (%) | near-copies (%) | diversity | updates / image "
+             "| s / image | " + " | ".join(f"gain {k}-shot (points)" for k in shots) + " |",
+             "|---|---|---|---|---|---|---|" + "---|" * len(shots)]
     for name, r in v.items():
         gains = [(_pm(r["gain_over_real_only"][k], 100) if k in r["gain_over_real_only"] else "–") for k in shots]
-        lines.append(f"| {r['label']} | {_pm(r['tail_fidelity'], 100)} | {_pm(r['tail_diversity'], 1, 2)} | "
+        lines.append(f"| {r['label']} | {_pm(r['tail_fidelity'], 100)} | {_pm(r['tail_novel_fidelity'], 100)} | "
+                     f"{_pm(r['near_copy_share'], 100)} | {_pm(r['tail_diversity'], 1, 2)} | "
                      f"{r['updates_per_image']:.1f} | {r['seconds_per_image']:.3f} | " + " | ".join(gains) + " |")
     if target_row in v and baseline_row in v:
         a, b = v[target_row], v[baseline_row]
