@@ -24,7 +24,7 @@ from PIL import Image
 
 from .components import (DEFAULT_IMAGE_ENCODER_ID, DEFAULT_MODEL_ID, Components, ReferenceImage, format_prompt,
                          load_components, load_reference_images, resolve_dtype)
-from .io import save_image, save_tensors, write_json
+from .io import load_tensors, make_dirs, read_record, save_image, save_tensors, write_json, write_record
 from .registry import Generated, Job, get_method
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,8 @@ def _artifacts(out_dir: Path, run: str, index: int) -> dict[str, Path]:
 
 
 def _finished(paths: dict[str, Path]) -> bool:
-    # the record is written last, so its presence means the image and the seeds are complete
-    return all(p.is_file() for p in paths.values())
+    # the record is written last with the image's and the seeds' hashes: damaged ones are removed and redone
+    return read_record(paths["record"], {"image": paths["image"], "seeds": paths["seeds"]}, "image record") is not None
 
 
 class ImageRecord(dict):
@@ -114,7 +114,7 @@ def generate_concept(method: str, prompt: str, refs: str | os.PathLike | Sequenc
               "image_encoder_id": enc_id or None, "prompt": full_prompt, "seed": seed,
               "references": [{"name": r.name, "sha256": r.content_hash} for r in references] if m.min_refs else []}
     run = run_name(m.name, config)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(out_dir)
     write_json(out_dir / f"{run}.config.json",
                {**config, "preset": preset, "num_images": num_images, "device": device,
                 "versions": _versions()})
@@ -133,9 +133,7 @@ def generate_concept(method: str, prompt: str, refs: str | os.PathLike | Sequenc
         resume = {}
         for i in range(num_images):
             if i not in todo:
-                from safetensors.torch import load_file
-
-                resume[i] = load_file(str(_artifacts(out_dir, run, i)["seeds"]))
+                resume[i] = load_tensors(_artifacts(out_dir, run, i)["seeds"], "seeds")[0]
                 break  # methods only need the first finished image (SeedSelect's z*)
         job = Job(prompt=full_prompt, refs=references, indices=todo, seed=seed, settings=settings,
                   cache_dir=cache_dir, progress=progress, resume=resume)
@@ -169,7 +167,7 @@ def _save(out_dir: Path, run: str, index: int, gen: Generated, config: dict, dev
               "files": {k: p.name for k, p in paths.items()}, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                        time.gmtime()),
               **gen.record}
-    write_json(paths["record"], record, overwrite=False)
+    write_record(paths["record"], record, {"image": paths["image"], "seeds": paths["seeds"]}, overwrite=False)
 
 
 def contact_sheet(references: Sequence[Image.Image], images: Sequence[Image.Image], thumb: int = 128,

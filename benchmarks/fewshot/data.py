@@ -191,11 +191,11 @@ def class_index(ds: datasets.Dataset) -> dict[str, np.ndarray]:
 def export_images(ds: datasets.Dataset, rows, out_dir: str | Path) -> list[Path]:
     """Write dataset rows as PNG files ``<out_dir>/<row>.png`` (skipping existing ones), e.g. as the
     reference images of a generator. Returns the paths in the order of ``rows``."""
-    from pipelines.io import save_image
+    from pipelines.io import check_image, save_image
 
     out_dir = Path(out_dir)
     paths = [out_dir / f"{int(r):07d}.png" for r in rows]
-    todo = [(int(r), p) for r, p in zip(rows, paths) if not p.exists()]
+    todo = [(int(r), p) for r, p in zip(rows, paths) if not check_image(p, "exported image")]
     for r, p in todo:
         save_image(p, ds[r]["image"].convert("RGB"))
     return paths

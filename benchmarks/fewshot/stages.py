@@ -31,7 +31,7 @@ from benchmarks.fewshot import classifiers as clf
 from benchmarks.fewshot import data, reports, sampling, synthesis
 from benchmarks.fewshot.registry import BenchmarkSpec, get_benchmark
 from benchmarks.params import load_section
-from pipelines.io import write_json
+from pipelines.io import check_image, load_tensors, write_json
 
 log = logging.getLogger("benchmarks.fewshot")
 STAGES = ("download", "episodes", "synthesize", "features", "evaluate", "report")
@@ -183,7 +183,7 @@ def _backbone(run: Run) -> tuple[torch.nn.Module, str]:
     cfg = clf.TrainConfig(b.epochs, b.batch_size, b.lr, b.weight_decay, run.p.seed)
     recipe = {"name": b.name, "image_size": run.image_size, **dataclasses.asdict(cfg)}
     path = run.dir / "backbone" / f"{b.name}-{_digest(recipe)}.safetensors"
-    if not path.is_file():
+    if load_tensors(path, "backbone") is None:
         splits, all_labels = run.ds["split"], run.ds["label"]
         train = [i for i, s in enumerate(splits) if s == "train"]
         labels = [all_labels[i] for i in train]
@@ -249,7 +249,7 @@ def _features(run: Run, model=None) -> tuple[torch.Tensor, dict[str, dict]]:
         paths = [p for key in sorted(groups) for p in groups[key]]
         if not paths:
             raise FileNotFoundError(f"{manifest}: no synthetic images listed for method {method!r}; run the synthesize stage")
-        missing = [p for p in paths if not Path(p).is_file()]
+        missing = [p for p in paths if not check_image(p, "synthetic image")]
         if missing:
             raise FileNotFoundError(f"method {method!r}: {len(missing)} synthetic images missing, e.g. {missing[0]}; run the synthesize stage")
         feats = clf.cached_features(fdir / f"synthetic-{method}.safetensors", paths, lambda: clf.extract_features(

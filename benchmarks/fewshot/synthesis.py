@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from benchmarks.fewshot.registry import unknown_error
 from benchmarks.fewshot.sampling import SupportSet, key_seed, write_text_if_changed
+from pipelines.io import check_image
 
 REAL_ONLY = "real-only"
 PIPELINE_METHODS = ("sd", "seedselect", "nao-seedselect", "dct")
@@ -197,7 +198,7 @@ def run_manifest(rows: list[SynthesisRow], resolve: Callable[[str], Generator] =
     generators: dict[str, Generator] = {}
     bar = tqdm(groups, desc="synthesis", unit="group", disable=not progress)
     for group in bar:
-        missing = [r for r in group if not Path(r.path).exists()]
+        missing = [r for r in group if not check_image(r.path, "synthetic image")]
         report.skipped += len(group) - len(missing)
         if not missing:
             continue

@@ -1,0 +1,261 @@
+"""Faults a real run meets, through the CLI on tiny models: damaged outputs and caches (truncated,
+emptied, overwritten with garbage), a full disk, a read-only output folder, SIGTERM / SIGKILL at
+random points. Each case checks: a clear one-line message (never a traceback), nothing finished lost
+or redone, damaged work redone (byte-identical to an undisturbed run)."""
+import builtins
+import errno
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_pipelines import cli_args, noise_image
+
+from pipelines import io as pio
+from pipelines.__main__ import main as cli
+from pipelines.testing import save_tiny_image_encoder, save_tiny_pipeline
+
+torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+NAO = ("nao-seedselect", "--num-images", "3", "--iterations", "1", "--batch-size", "1", "--set", "inversion_steps=3",
+       "--set", "n_points=4", "--set", "last_k_weights=1")
+SD = ("sd", "--num-images", "4")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    save_tiny_pipeline(root / "sd")
+    save_tiny_image_encoder(root / "clip")
+    (root / "refs").mkdir()
+    for i in range(2):
+        noise_image(i).save(root / "refs" / f"r{i}.png")
+    return root
+
+
+def args_for(folders, out, case):
+    return cli_args(folders, case[0], out, *case[1:])
+
+
+@pytest.fixture(scope="module")
+def baseline(folders, tmp_path_factory):
+    """Undisturbed runs: the sd one (outputs only) and the NAO-SeedSelect one (outputs and all caches)."""
+    root = tmp_path_factory.mktemp("baseline")
+    for name, case in (("sd", SD), ("nao", NAO)):
+        assert cli(args_for(folders, root / name, case)) == 0
+    return root
+
+
+def untimed(obj):
+    """``obj`` without what says when it was made or how long it took."""
+    if isinstance(obj, dict):
+        return {k: untimed(v) for k, v in obj.items() if k != "created" and not k.endswith("seconds")}
+    return [untimed(v) for v in obj] if isinstance(obj, list) else obj
+
+
+def content(p: Path) -> bytes:
+    """What must be identical when an artifact is redone: all but timings (PNG bytes, tensor bytes)."""
+    if p.suffix == ".json":
+        record = untimed(json.loads(p.read_text()))
+        record.pop("checksums", None)  # its image and seeds are compared themselves
+        return json.dumps(record, sort_keys=True).encode()
+    if p.suffix == ".safetensors":
+        return pio._split_safetensors(p.read_bytes())[1]
+    return p.read_bytes()
+
+
+def digests(folder: Path) -> dict[str, str]:
+    """name -> sha256 of every finished artifact (the contact sheet and config are rewritten by design)."""
+    return {str(p.relative_to(folder)): hashlib.sha256(content(p)).hexdigest() for p in sorted(folder.rglob("*"))
+            if p.is_file() and not p.name.endswith((".contact.png", ".config.json"))}
+
+
+def stamps(folder: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+def temporaries(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob(".*") if ".tmp" in p.name]
+
+
+def one_line_error(err: str, *needles: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+def damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncate":
+        path.write_bytes(data[:len(data) // 2])
+    elif how == "zero":
+        path.write_bytes(b"")
+    else:  # same size, garbage in the middle: only a content hash can tell
+        mid = len(data) // 2
+        path.write_bytes(data[:mid] + bytes(random.Random(0).randbytes(16)) + data[mid + 16:])
+
+
+# ------------------------------------------------------------------------------------ damage
+@pytest.mark.parametrize("how", ["truncate", "zero", "garbage"])
+@pytest.mark.parametrize("kind", [".png", ".safetensors", ".json"])
+def test_damaged_finished_image_is_redone_and_nothing_else(folders, baseline, tmp_path, capsys, caplog, kind, how):
+    out = tmp_path / "out"
+    shutil.copytree(baseline / "sd", out)
+    victim = next(p for p in out.glob("sd-*-00002*") if p.suffix == kind and "contact" not in p.name)
+    damage(victim, how)
+    before = stamps(out)
+    assert cli(args_for(folders, out, SD)) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    assert any(victim.name in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+    assert digests(out) == digests(baseline / "sd")  # the damaged image redone, byte-identical
+    redone = {p for p, t in stamps(out).items() if before.get(p) != t}
+    assert all("-00002." in p.name or p.name.endswith((".contact.png", ".config.json")) for p in redone), redone
+    assert not temporaries(out)
+
+
+@pytest.mark.parametrize("how", ["truncate", "zero", "garbage"])
+@pytest.mark.parametrize("cache", ["refenc", "inverted", "nao"])
+def test_damaged_cache_is_recomputed(folders, baseline, tmp_path, capsys, caplog, cache, how):
+    out = tmp_path / "out"
+    shutil.copytree(baseline / "nao", out)
+    victim = next((out / "cache").glob(f"{cache}-*.safetensors"))
+    damage(victim, how)
+    for p in out.glob("nao-seedselect-*-00001.*"):  # an unfinished image: the caches are needed again
+        p.unlink()
+    assert cli(args_for(folders, out, NAO)) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    assert any(victim.name in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+    assert digests(out) == digests(baseline / "nao")  # cache and image made again, byte-identical
+
+
+def test_files_follow_the_umask(folders, tmp_path):
+    old = os.umask(0o027)
+    try:
+        assert cli(args_for(folders, tmp_path / "out", ("sd", "--num-images", "1"))) == 0
+        with pio.atomic_dir(tmp_path / "model") as d:
+            (d / "w").write_bytes(b"x")
+    finally:
+        os.umask(old)
+    files = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert len(files) >= 5 and {oct(p.stat().st_mode & 0o777) for p in files} == {oct(0o640)}
+    assert oct((tmp_path / "model").stat().st_mode & 0o777) == oct(0o750)
+
+
+# ------------------------------------------------------------------------------------ full disk, read-only
+def fail_writes_under(monkeypatch, folder: Path, code: int, allowed: int = 0) -> None:
+    """After ``allowed`` files written under ``folder``, every write there fails with ``code`` after
+    a few bytes (a partial temporary file is left for the writer to clean up), as on a full disk."""
+    real_open, count = builtins.open, [0]
+
+    class Failing:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            self.f.write(data[:7])
+            raise OSError(code, os.strerror(code))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    def hooked(file, mode="r", *a, **k):
+        f = real_open(file, mode, *a, **k)
+        if isinstance(file, (str, os.PathLike)) and any(c in mode for c in "wax") \
+                and Path(file).resolve().is_relative_to(folder.resolve()):
+            count[0] += 1
+            if count[0] > allowed:
+                return Failing(f)
+        return f
+
+    monkeypatch.setattr(builtins, "open", hooked)
+
+
+@pytest.mark.parametrize("code, reason", [(errno.ENOSPC, "no space left"), (errno.EROFS, "read-only")])
+def test_full_or_read_only_disk_is_one_line_and_keeps_finished_images(folders, baseline, tmp_path, capsys,
+                                                                      monkeypatch, code, reason):
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        fail_writes_under(m, out, code, allowed=1 + 3 * 2)  # the config, two images, then the disk fails
+        assert cli(args_for(folders, out, SD)) == 2
+    line = one_line_error(capsys.readouterr().err, reason, str(out))
+    assert "-00002.png" in line  # names the file it could not write
+    assert not temporaries(out)
+    finished = digests(out)
+    assert len(finished) == 6 and all(finished[k] == v for k, v in digests(baseline / "sd").items() if k in finished)
+    before = stamps(out)
+    assert cli(args_for(folders, out, SD)) == 0  # space again: resumes, redoes nothing finished
+    assert digests(out) == digests(baseline / "sd")
+    assert all(stamps(out)[p] == t for p, t in before.items() if not p.name.endswith((".contact.png", ".config.json")))
+
+
+def test_read_only_output_folder_for_real(folders, tmp_path):
+    """A read-only bind mount of the output folder, in a user+mount namespace (root ignores chmod)."""
+    out, ro = tmp_path / "out", tmp_path / "ro"
+    out.mkdir()
+    ro.mkdir()
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount --bind {out} {ro} && mount -o remount,bind,ro {ro}"],
+                           capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"no user+mount namespaces here: {probe.stderr.decode().strip()}")
+    cmd = " ".join([sys.executable, "-m", "pipelines", *args_for(folders, ro, ("sd", "--num-images", "1"))])
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount --bind {out} {ro} && mount -o remount,bind,ro {ro} "
+                           f"&& {cmd}"], env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    one_line_error(proc.stderr, "read-only file system", str(ro))
+    assert not list(out.iterdir())
+
+
+# ------------------------------------------------------------------------------------ kills
+@pytest.mark.parametrize("sig, seed", [(signal.SIGTERM, 1), (signal.SIGKILL, 2)])
+def test_killed_run_resumes_without_losing_or_redoing_work(folders, baseline, tmp_path, capsys, sig, seed):
+    rng = random.Random(seed)
+    out = tmp_path / "out"
+    case = ("sd", "--num-images", "4", "--steps", "40")  # slow enough to be caught mid-run
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines", *args_for(folders, out, case)], env=ENV,
+                            stderr=subprocess.PIPE, text=True)
+    # once the run has started (its config written), kill after this many finished images plus a
+    # random fraction of the next (a kill during Python's start-up writes nothing at all)
+    after = rng.randrange(3)
+    deadline = time.monotonic() + 240
+
+    def waiting():
+        return proc.poll() is None and time.monotonic() < deadline and (
+            not list(out.glob("*.config.json")) or len(list(out.glob("sd-*-0000?.json"))) < after)
+
+    while waiting():
+        time.sleep(0.02)
+    time.sleep(rng.uniform(0.0, 0.3))
+    proc.send_signal(sig)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode != 0, "finished before the kill: make the run slower"
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 128 + signal.SIGTERM
+        one_line_error(err, "interrupted by SIGTERM")
+        assert not temporaries(out)
+    finished = {p for p in out.glob("sd-*-0000?.json")}
+    assert len(finished) >= after
+    before = stamps(out)
+    assert cli(args_for(folders, out, case)) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    assert len(list(out.glob("sd-*-0000?.png"))) == 4
+    for rec in finished:  # finished images kept as they were
+        for p in out.glob(rec.stem + ".*"):
+            assert stamps(out)[p] == before[p], f"{p.name} was redone"
+    assert all(pio.read_record(r) is not None for r in out.glob("sd-*-0000?.json"))
