@@ -259,3 +259,94 @@ def test_killed_run_resumes_without_losing_or_redoing_work(folders, baseline, tm
         for p in out.glob(rec.stem + ".*"):
             assert stamps(out)[p] == before[p], f"{p.name} was redone"
     assert all(pio.read_record(r) is not None for r in out.glob("sd-*-0000?.json"))
+
+
+# ------------------------------------------------------------------------------------ benchmark artifacts
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    from fewshot_digits import digits_spec, write_digits_source
+
+    from benchmarks.fewshot import data
+
+    root = tmp_path_factory.mktemp("digits")
+    spec = digits_spec(write_digits_source(root / "src"))
+    return spec, data.prepare(spec, root / "prep", cache_dir=str(root / "hf"), progress=False)
+
+
+def warned(caplog, path: Path) -> bool:
+    return any(path.name in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+
+
+@pytest.mark.parametrize("how", ["truncate", "zero", "garbage"])
+def test_damaged_prepared_dataset_is_rebuilt(digits, tmp_path, caplog, how):
+    from benchmarks.fewshot import data
+
+    spec, prepared = digits
+    copy = tmp_path / "prep"
+    shutil.copytree(prepared, copy)
+    victim = next(copy.glob("*.arrow"))
+    damage(victim, how)
+    data.prepare(spec, copy, cache_dir=str(tmp_path / "hf"), progress=False)
+    assert warned(caplog, victim)
+    assert digests(copy) == digests(prepared)  # rebuilt byte-identical (fingerprint pinned to the data)
+
+
+@pytest.mark.parametrize("how", ["truncate", "zero", "garbage"])
+def test_damaged_features_and_synthetic_images_are_redone(digits, tmp_path, caplog, how):
+    from fewshot_digits import augment_generator
+
+    from benchmarks.fewshot import data
+    from benchmarks.fewshot.classifiers import cached_features
+    from benchmarks.fewshot.sampling import draw_supports
+    from benchmarks.fewshot.synthesis import build_manifest, run_manifest
+
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return torch.arange(12.0).reshape(3, 4)
+
+    path = tmp_path / "features.safetensors"
+    first = cached_features(path, ["a", "b", "c"], compute)
+    damage(path, how)
+    assert torch.equal(cached_features(path, ["a", "b", "c"], compute), first) and len(calls) == 2
+    assert warned(caplog, path)
+    assert torch.equal(cached_features(path, ["a", "b", "c"], compute), first) and len(calls) == 2  # reused
+
+    spec, prepared = digits
+    ds = data.load_prepared(spec, prepared)
+    support = draw_supports(spec, data.class_index(ds), "test", [1], trials=1, seed=0)[0]
+    refs = data.export_images(ds, support.rows, tmp_path / "refs")
+    rows = build_manifest([support], ("augment",), 3, tmp_path / "synth", lambda s: refs, lambda c: c, 0)
+    run_manifest(rows, resolve=lambda m: augment_generator, progress=False)
+    made = digests(tmp_path / "synth")
+    victim, ref = Path(rows[1].path), refs[0]
+    damage(victim, how)
+    damage(ref, how)
+    assert data.export_images(ds, support.rows, tmp_path / "refs") == refs and warned(caplog, ref)
+    report = run_manifest(rows, resolve=lambda m: augment_generator, progress=False)
+    assert (report.made, report.skipped) == (1, 2) and warned(caplog, victim)
+    assert digests(tmp_path / "synth") == made
+
+
+@pytest.mark.parametrize("how", ["truncate", "zero", "garbage"])
+def test_damaged_dct_token_is_retrained(tmp_path, caplog, monkeypatch, how):
+    from test_dct import classifier, fast
+
+    from pipelines.dct import DctPipeline, DctToken, train_or_load_token
+    from pipelines.testing import tiny_components
+
+    pipe = DctPipeline.from_components(tiny_components())
+    trained = []
+
+    def train(self, name, clf, index, settings, progress=True):
+        trained.append(name)
+        return DctToken(torch.linspace(0, 1, 16), name, index, {"epochs": 1})
+
+    monkeypatch.setattr(DctPipeline, "train_token", train)
+    token, path = train_or_load_token(pipe, classifier(), "tiger cat", tmp_path, fast(), progress=False)
+    damage(path, how)
+    again, _ = train_or_load_token(pipe, classifier(), "tiger cat", tmp_path, fast(), progress=False)
+    assert len(trained) == 2 and warned(caplog, path) and torch.equal(again.embedding, token.embedding)
+    train_or_load_token(pipe, classifier(), "tiger cat", tmp_path, fast(), progress=False)
+    assert len(trained) == 2  # the redone token is reused
