@@ -30,6 +30,7 @@ import torch
 from benchmarks.fewshot import classifiers as clf
 from benchmarks.fewshot import data, reports, sampling, synthesis
 from benchmarks.fewshot.registry import BenchmarkSpec, get_benchmark
+from benchmarks.mini.common import set_threads
 from benchmarks.params import load_section
 from pipelines.io import check_image, load_tensors, write_json
 
@@ -93,6 +94,7 @@ class FewShotParams:
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     combined_table: str = "results/fewshot.md"
     progress: bool = True
+    threads: int = 0                  # torch CPU threads; fixed (> 0), results do not depend on the machine's cores
 
     @property
     def methods(self) -> list[str]:
@@ -345,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     p = load_section(FewShotParams, args.section, args.params)
+    set_threads(p.threads)
     stray = sorted(set(p.dataset_ids) - set(p.benchmarks))
     if stray:
         raise ValueError(f"{args.params}: {args.section}.dataset_ids names {stray}, not in benchmarks {p.benchmarks}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from typing import Callable
 
@@ -10,8 +11,15 @@ from tqdm import tqdm
 
 
 def set_threads(n: int) -> None:
+    """Fix torch's CPU thread count and ask for deterministic algorithms, for stages that reproduce.
+
+    CPU results depend on the number of threads (it partitions the reductions), not on the number of
+    cores: a fixed ``n`` gives the same bits on any machine with the same instruction set, while
+    ``0`` (torch's default, one thread per core) makes them depend on the machine."""
     if n > 0:
         torch.set_num_threads(n)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what deterministic cuBLAS needs
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def warmup_cosine(step: int, total: int, warmup: int) -> float:
