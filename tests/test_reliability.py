@@ -205,21 +205,34 @@ def test_full_or_read_only_disk_is_one_line_and_keeps_finished_images(folders, b
     assert all(stamps(out)[p] == t for p, t in before.items() if not p.name.endswith((".contact.png", ".config.json")))
 
 
-def test_read_only_output_folder_for_real(folders, tmp_path):
-    """A read-only bind mount of the output folder, in a user+mount namespace (root ignores chmod)."""
-    out, ro = tmp_path / "out", tmp_path / "ro"
+def test_full_then_read_only_filesystem_for_real(folders, tmp_path):
+    """A real 40 KiB tmpfs as the output folder, then remounted read-only, then given space: in a user
+    + mount namespace (``unshare -rm``), since root, as the tests run here, ignores chmod."""
+    out, log = tmp_path / "out", tmp_path / "log"
     out.mkdir()
-    ro.mkdir()
-    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount --bind {out} {ro} && mount -o remount,bind,ro {ro}"],
-                           capture_output=True)
-    if probe.returncode != 0:
-        pytest.skip(f"no user+mount namespaces here: {probe.stderr.decode().strip()}")
-    cmd = " ".join([sys.executable, "-m", "pipelines", *args_for(folders, ro, ("sd", "--num-images", "1"))])
-    proc = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount --bind {out} {ro} && mount -o remount,bind,ro {ro} "
-                           f"&& {cmd}"], env=ENV, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2
-    one_line_error(proc.stderr, "read-only file system", str(ro))
-    assert not list(out.iterdir())
+    log.mkdir()
+    cmd = " ".join([sys.executable, "-m", "pipelines", *args_for(folders, out, ("sd", "--num-images", "6"))])
+    state = f"stat -c '%n %i %Y' {out}/sd-*-0000?.*"
+    script = (f"mount -t tmpfs -o size=40k none {out} || exit 99\n"
+              f"{cmd} 2> {log}/full.err; echo $? > {log}/full.rc; {state} > {log}/full.state\n"
+              f"mount -o remount,ro {out}\n{cmd} 2> {log}/ro.err; echo $? > {log}/ro.rc\n"
+              f"mount -o remount,rw,size=1m {out}\n{cmd} 2> {log}/ok.err; echo $? > {log}/ok.rc; {state} > {log}/ok.state\n")
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], env=ENV, capture_output=True, text=True, timeout=300)
+    if proc.returncode == 99 or "unshare" in proc.stderr:
+        pytest.skip(f"no user + mount namespaces here: {proc.stderr.strip()}")
+    read = lambda name: (log / name).read_text()  # noqa: E731
+    assert read("full.rc").strip() == "2"
+    one_line_error(read("full.err"), "no space left on the device", str(out))
+    assert read("ro.rc").strip() == "2"
+    one_line_error(read("ro.err"), "read-only file system", str(out))
+    assert read("ok.rc").strip() == "0", read("ok.err")
+    written = read("full.state").splitlines()
+    assert ".tmp" not in "".join(written)  # no partial file left
+    finished = {line.split()[0].rsplit(".", 1)[0] for line in written if line.split()[0].endswith(".json")}
+    kept = [line for line in written if line.split()[0].rsplit(".", 1)[0] in finished]
+    assert len(finished) >= 1 and len(kept) == 3 * len(finished)  # records only of whole images
+    assert set(kept) <= set(read("ok.state").splitlines())  # same inode and mtime: kept, not redone
+    assert len(read("ok.state").splitlines()) == 18
 
 
 # ------------------------------------------------------------------------------------ kills
