@@ -236,7 +236,7 @@ def test_full_then_read_only_filesystem_for_real(folders, tmp_path):
 
 
 # ------------------------------------------------------------------------------------ kills
-@pytest.mark.parametrize("sig, seed", [(signal.SIGTERM, 1), (signal.SIGKILL, 2)])
+@pytest.mark.parametrize("sig, seed", [(signal.SIGTERM, 0), (signal.SIGKILL, 5)])  # kills after 1 and 2 images
 def test_killed_run_resumes_without_losing_or_redoing_work(folders, baseline, tmp_path, capsys, sig, seed):
     rng = random.Random(seed)
     out = tmp_path / "out"
@@ -263,7 +263,7 @@ def test_killed_run_resumes_without_losing_or_redoing_work(folders, baseline, tm
         one_line_error(err, "interrupted by SIGTERM")
         assert not temporaries(out)
     finished = {p for p in out.glob("sd-*-0000?.json")}
-    assert len(finished) >= after
+    assert after <= len(finished) < 4
     before = stamps(out)
     assert cli(args_for(folders, out, case)) == 0
     assert "Traceback" not in capsys.readouterr().err
