@@ -17,6 +17,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .io import write_text
+
 TIMM_PREFIX = "timm:"
 # Benchmark code marks every classifier that *scores* generated images with this file; such a model
 # may never *guide* generation (a method optimised against its own judge would score itself).
@@ -26,8 +28,7 @@ EVALUATOR_MARKER = "fidelity_evaluator.json"
 def mark_as_evaluator(folder: str | os.PathLike) -> Path:
     """Mark ``folder`` (a saved classifier) as a fidelity evaluator: it can no longer guide generation."""
     path = Path(folder) / EVALUATOR_MARKER
-    path.write_text('{"role": "fidelity evaluator: scores generated images, never guides them"}\n')
-    return path
+    return write_text(path, '{"role": "fidelity evaluator: scores generated images, never guides them"}\n')
 
 
 def check_not_evaluator(source: str | os.PathLike, checkpoint: str | os.PathLike | None = None) -> None:
