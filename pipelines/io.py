@@ -19,7 +19,8 @@ Reading (verify before trust): every artifact a rerun would skip is checked firs
 * :func:`write_record` writes a JSON record *last*, listing the size and sha256 of the files it
   describes (an image and its seeds); :func:`read_record` re-hashes them;
 * :func:`check_image` decodes an image fully (for images made by other programs, with no record);
-  :func:`load_json` parses.
+  :func:`load_json` parses; :func:`load_whole` runs any loader that checks its format (``.npz``
+  zip CRCs, torch checkpoints).
 
 On damage (truncated, zero bytes, garbage, missing companion) a reader logs one warning naming the
 file and what is wrong, removes the damaged file(s) and returns ``None``: the caller recomputes, as
@@ -39,7 +40,7 @@ import struct
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 log = logging.getLogger(__name__)
 
@@ -205,32 +206,36 @@ def load_tensors(path: str | os.PathLike, what: str = "tensors") -> tuple[dict, 
     return tensors, meta
 
 
-def load_json(path: str | os.PathLike, what: str = "record") -> Any | None:
-    """The parsed JSON file; ``None`` if absent or damaged (then removed with a warning)."""
+def load_whole(path: str | os.PathLike, load: Callable[[Path], Any], what: str = "artifact") -> Any | None:
+    """``load(path)`` if ``path`` exists and loads completely; ``None`` if absent, or if ``load``
+    raises (the file is then damaged: removed with a warning). For formats that check themselves
+    (zip CRCs of ``.npz``, torch checkpoints)."""
     path = Path(path)
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_bytes())
+        return load(path)
     except Exception as e:
         discard(path, _problem(e), what)
         return None
+
+
+def load_json(path: str | os.PathLike, what: str = "record") -> Any | None:
+    """The parsed JSON file; ``None`` if absent or damaged (then removed with a warning)."""
+    return load_whole(path, lambda p: json.loads(p.read_bytes()), what)
+
+
+def _decode_image(path: Path) -> bool:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()
+    return True
 
 
 def check_image(path: str | os.PathLike, what: str = "image") -> bool:
     """Whether ``path`` is an image that decodes completely; a damaged one is removed with a warning."""
-    from PIL import Image
-
-    path = Path(path)
-    if not path.is_file():
-        return False
-    try:
-        with Image.open(path) as im:
-            im.load()
-    except Exception as e:
-        discard(path, _problem(e), what)
-        return False
-    return True
+    return load_whole(path, _decode_image, what) is not None
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -258,10 +263,7 @@ def _check_structure(path: Path) -> None:
     elif path.suffix == ".json":
         json.loads(path.read_bytes())
     else:
-        from PIL import Image
-
-        with Image.open(path) as im:
-            im.load()
+        _decode_image(path)
 
 
 def read_record(path: str | os.PathLike, files: Mapping[str, str | os.PathLike] = {},

@@ -311,7 +311,7 @@ def test_damaged_features_and_synthetic_images_are_redone(digits, tmp_path, capl
     from benchmarks.fewshot import data
     from benchmarks.fewshot.classifiers import cached_features
     from benchmarks.fewshot.sampling import draw_supports
-    from benchmarks.fewshot.synthesis import build_manifest, run_manifest
+    from benchmarks.fewshot.synthesis import build_manifest, per_concept, run_manifest
 
     calls = []
 
@@ -331,13 +331,13 @@ def test_damaged_features_and_synthetic_images_are_redone(digits, tmp_path, capl
     support = draw_supports(spec, data.class_index(ds), "test", [1], trials=1, seed=0)[0]
     refs = data.export_images(ds, support.rows, tmp_path / "refs")
     rows = build_manifest([support], ("augment",), 3, tmp_path / "synth", lambda s: refs, lambda c: c, 0)
-    run_manifest(rows, resolve=lambda m: augment_generator, progress=False)
+    run_manifest(rows, resolve=lambda m: per_concept(augment_generator), progress=False)
     made = digests(tmp_path / "synth")
     victim, ref = Path(rows[1].path), refs[0]
     damage(victim, how)
     damage(ref, how)
     assert data.export_images(ds, support.rows, tmp_path / "refs") == refs and warned(caplog, ref)
-    report = run_manifest(rows, resolve=lambda m: augment_generator, progress=False)
+    report = run_manifest(rows, resolve=lambda m: per_concept(augment_generator), progress=False)
     assert (report.made, report.skipped) == (1, 2) and warned(caplog, victim)
     assert digests(tmp_path / "synth") == made
 
