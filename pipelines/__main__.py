@@ -53,13 +53,17 @@ inversions and NAO paths are cached in ``--cache-dir`` (default ``<out>/cache``)
 and model id.
 
 Exit status 2 with a one-line ``error:`` message on bad input (missing or empty reference folder,
-unreadable image — named —, too few references, a non-finite loss).
+unreadable image — named —, too few references, a non-finite loss) and on an output or cache
+folder that cannot be written (disk full, read-only, no permission — named); finished images are
+kept. A finished image, seed file or cache entry found damaged on a rerun (truncated, emptied,
+overwritten) is named in a warning, removed and made again.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import logging
+import signal
 import sys
 import typing
 from pathlib import Path
@@ -177,9 +181,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from .generate import default_device, generate_concepts
     from .hub import HubUnavailableError, ensure_available
+    from .io import ArtifactWriteError
     from .registry import get_method
     from .seedselect import NonFiniteLossError
 
+    received = [signal.SIGINT]
+
+    def terminate(signum, frame):  # let atomic writes clean their temporary files on the way out
+        received[0] = signum
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
         method = get_method(args.method)
         concepts = concepts_from_args(args)
@@ -192,9 +204,16 @@ def main(argv: list[str] | None = None) -> int:
             method.name, concepts, args.out, args.num_images, settings, args.seed,
             preset=args.preset, model=args.model, image_encoder=args.image_encoder, device=args.device,
             dtype=args.dtype, cache_dir=args.cache_dir, progress=not args.no_progress)
-    except (FileNotFoundError, NotADirectoryError, ValueError, NonFiniteLossError, HubUnavailableError) as e:
+    except (FileNotFoundError, NotADirectoryError, ValueError, NonFiniteLossError, HubUnavailableError,
+            ArtifactWriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"error: interrupted by {signal.Signals(received[0]).name}; finished images in {args.out} are kept, "
+              "the same command resumes", file=sys.stderr)
+        return 128 + received[0]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     for concept, records in zip(concepts, per_concept):
         print(f"{len(records)} image(s) of {concept.prompt!r} in {records[0].path.parent} "
               f"({records[0]['run']}-*.png, contact sheet {records[0]['run']}.contact.png)")

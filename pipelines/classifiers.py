@@ -21,6 +21,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .io import write_text
+
 TIMM_PREFIX = "timm:"
 CLIP_ZEROSHOT_PREFIX = "clip-zeroshot:"
 CLIP_ZEROSHOT_TEMPLATE = "a photo of a {}"
@@ -32,8 +34,7 @@ EVALUATOR_MARKER = "fidelity_evaluator.json"
 def mark_as_evaluator(folder: str | os.PathLike) -> Path:
     """Mark ``folder`` (a saved classifier) as a fidelity evaluator: it can no longer guide generation."""
     path = Path(folder) / EVALUATOR_MARKER
-    path.write_text('{"role": "fidelity evaluator: scores generated images, never guides them"}\n')
-    return path
+    return write_text(path, '{"role": "fidelity evaluator: scores generated images, never guides them"}\n')
 
 
 def check_not_evaluator(source: str | os.PathLike, checkpoint: str | os.PathLike | None = None) -> None:

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from .base import ConceptPipeline, ImageResult, chunks
 from .classifiers import ImageClassifier, load_classifier
 from .imaging import decode_latents, to_pil
-from .io import save_tensors
+from .io import load_tensors, save_tensors
 from .registry import Method, register_method
 from .sampling import denoise, guided_eps, random_seeds
 from .seedselect import NonFiniteLossError
@@ -103,14 +103,11 @@ class DctToken:
 
     @classmethod
     def load(cls, path: str | Path) -> "DctToken":
-        from safetensors import safe_open
-
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"DCT token file not found: {path}")
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            emb = f.get_tensor("token_embedding")
+        loaded = load_tensors(path, "DCT token")
+        if loaded is None:
+            raise FileNotFoundError(f"DCT token file not found or damaged: {path}")
+        emb, meta = loaded[0]["token_embedding"], loaded[1]
         return cls(emb, meta.get("class_name", ""), int(meta.get("class_index", -1)),
                    json.loads(meta.get("record", "{}")))
 
@@ -322,7 +319,7 @@ def train_or_load_token(pipe: DctPipeline, classifier: ImageClassifier, class_na
     the same model, classifier, class and training settings exists; trained and saved otherwise."""
     index = classifier.class_index(class_name if target is None else target)
     path = token_path(cache_dir, pipe, classifier, index, class_name, settings)
-    if path.is_file():
+    if load_tensors(path, "DCT token") is not None:
         log.info("reusing DCT token %s", path)
         return DctToken.load(path), path
     token = pipe.train_token(class_name, classifier, index, settings, progress=progress)

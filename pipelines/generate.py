@@ -32,7 +32,7 @@ from .base import ImageResult
 from .loading import DEFAULT_IMAGE_ENCODER_ID, DEFAULT_MODEL_ID, Components, load_components, resolve_dtype
 from .prompts import format_prompt
 from .references import ReferenceImage, load_reference_images
-from .io import save_image, save_tensors, write_bytes, write_json
+from .io import load_tensors, make_dirs, read_record, save_image, save_tensors, write_bytes, write_record
 from .registry import get_method
 
 log = logging.getLogger(__name__)
@@ -70,8 +70,8 @@ def _artifacts(out_dir: Path, run: str, index: int) -> dict[str, Path]:
 
 
 def _finished(paths: dict[str, Path]) -> bool:
-    # the record is written last, so its presence means the image and the seeds are complete
-    return all(p.is_file() for p in paths.values())
+    # the record is written last with the image's and the seeds' hashes: damaged ones are removed and redone
+    return read_record(paths["record"], {"image": paths["image"], "seeds": paths["seeds"]}, "image record") is not None
 
 
 class ImageRecord(dict):
@@ -179,9 +179,7 @@ def generate_concepts(method: str, concepts: Sequence[Concept | tuple], out_dir:
     if any(todo.values()):
         extra = {}
         if getattr(settings, "bootstrap", False):  # SeedSelect: the finished z* (image 0) of resumed concepts
-            from safetensors.torch import load_file
-
-            extra["z_star"] = {k: load_file(str(_artifacts(dirs[k], runs[k], 0)["seeds"]))["seed"]
+            extra["z_star"] = {k: load_tensors(_artifacts(dirs[k], runs[k], 0)["seeds"], "seeds")[0]["seed"]
                                for k in range(len(concepts)) if todo[k] and 0 not in todo[k]}
         from tqdm.auto import tqdm
 
@@ -240,7 +238,7 @@ def _save(out_dir: Path, run: str, result: ImageResult, config: dict, device: st
     record = {**config, "index": result.index, "run": run, "device": device,
               "files": {k: p.name for k, p in paths.items()},
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **result.record}
-    write_json(paths["record"], record, overwrite=False)
+    write_record(paths["record"], record, {"image": paths["image"], "seeds": paths["seeds"]}, overwrite=False)
 
 
 def contact_sheet(references: Sequence[Image.Image], images: Sequence[Image.Image], thumb: int = 128,

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .base import ConceptPipeline
 from .prompts import encode_prompts
 from .references import ReferenceImage, encode_latent_means
-from .io import save_tensors
+from .io import load_tensors, save_tensors
 
 
 @dataclass
@@ -60,10 +60,9 @@ class DDIMInversionPipeline(ConceptPipeline):
                                        str(settings.num_inference_steps)] + [r.content_hash for r in images])
                              .encode()).hexdigest()[:24]
         path = Path(cache_dir) / f"inverted-{key}.safetensors" if cache_dir is not None else None
-        if path is not None and path.is_file():
-            from safetensors.torch import load_file
-
-            return load_file(str(path))["seeds"].to(self.compute_dtype)
+        cached = load_tensors(path, "inversion") if path is not None else None
+        if cached is not None:
+            return cached[0]["seeds"].to(self.compute_dtype)
         seeds = []
         for start in tqdm(range(0, len(images), settings.batch_size), desc="inverting references", leave=False,
                           disable=not progress):

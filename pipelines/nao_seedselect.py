@@ -27,7 +27,7 @@ import torch
 
 from .base import ImageResult, chunks
 from .inversion import DDIMInversionPipeline, InversionSettings
-from .io import save_tensors
+from .io import load_tensors, save_tensors
 from .references import ReferenceImage, encode_references
 from .sampling import derive_seed
 from .seedselect import SeedSelectPipeline, SeedSelectSettings
@@ -104,11 +104,9 @@ class NaoSeedSelectPipeline(SeedSelectPipeline):
                                        repr((settings.n_points, settings.nao_eps, settings.nao_init,
                                              settings.nao_solver, base_seed)).encode()])).hexdigest()[:24]
         path = Path(cache_dir) / f"nao-{key}.safetensors" if cache_dir is not None else None
-        if path is not None and path.is_file():
-            from safetensors.torch import safe_open
-
-            with safe_open(str(path), "pt") as f:
-                return f.get_tensor("paths"), dict(f.metadata())
+        cached = load_tensors(path, "NAO paths") if path is not None else None
+        if cached is not None:
+            return cached[0]["paths"], cached[1]
         kwargs = dict(n_points=settings.n_points, eps=settings.nao_eps,
                       generator=torch.Generator().manual_seed(derive_seed(base_seed, 0xA0)))
         if settings.nao_solver == "reference" and hasattr(seed_space, "NaoSettings"):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from .imaging import clip_embed, clip_input_size
-from .io import save_tensors
+from .io import load_tensors, save_tensors
 from .loading import compute_dtype
 
 log = logging.getLogger(__name__)
@@ -135,10 +135,9 @@ def encode_references(comps, refs: Sequence[ReferenceImage],
          str(clip_input_size(comps.image_processor))] + [r.content_hash for r in refs]).encode()).hexdigest()[:24]
     path = Path(cache_dir) / f"refenc-{key}.safetensors" if cache_dir is not None else None
     cdt = compute_dtype(comps.dtype)
-    if path is not None and path.is_file():
-        from safetensors.torch import load_file
-
-        t = load_file(str(path))
+    cached = load_tensors(path, "reference encodings") if path is not None else None
+    if cached is not None:
+        t = cached[0]
         return ReferenceEncodings(clip=t["clip"].to(comps.device, cdt), latents=t["latents"].to(comps.device, cdt))
     pix = comps.image_processor(images=[r.image for r in refs], return_tensors="pt").pixel_values
     enc = ReferenceEncodings(clip=clip_embed(comps, pix.to(comps.device)),

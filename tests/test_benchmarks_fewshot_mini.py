@@ -4,6 +4,7 @@ download (prepare + integrity from the local parquet) -> episodes -> synthesis t
 pipelines (sd, seedselect, nao-seedselect, dct via generate_concept on save_tiny_pipeline models)
 -> features -> evaluate -> report; then resumability."""
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,41 @@ def project(tmp_path_factory):
         mini.main([stage, "--params", str(root / "params.yaml")])
     stages.main(["all", "--params", str(root / "params.yaml")])
     return root
+
+
+def test_recipe_report_scores_each_variant_with_the_evaluator(project, tmp_path):
+    from benchmarks.fewshot import recipe
+    from benchmarks.fewshot.reports import read_accuracy_csv
+    from benchmarks.mini.config import EvaluatorConfig, MiniConfig
+    from benchmarks.mini.evaluator import train
+
+    train(MiniConfig(root=str(project / "mini"), data=DataConfig(source="sklearn_digits", image_size=32),
+                     evaluator=EvaluatorConfig(steps=3, batch_size=8)))
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    rows = {"SeedSelect, contrastive + bootstrap": "seedselect", "SeedSelect, per-concept + bootstrap": VARIANT}
+    params["fewshot_recipe"] = {"benchmark": params["fewshot"]["benchmarks"][0],
+                                "evaluator": str(project / "mini" / "evaluator"),
+                                "mini_data": str(project / "mini" / "data"), "tail_classes": list(TEST_CLASSES),
+                                "head": "linear", "rows": rows}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert recipe.main(["--params", str(tmp_path / "params.yaml")]) == 0
+    out = json.loads((project / "results" / "mini-digits" / "recipe.json").read_text())
+    accuracy = {(r["method"], r["shot"]): r for r in read_accuracy_csv(project / "results" / "mini-digits" / "accuracy.csv")
+                if r["head"] == "linear"}
+    for variant in rows.values():
+        v = out["variants"][variant]
+        assert v["groups"] == 2 and v["images"] == 8 and 0 <= v["tail_fidelity"][0] <= 1
+        assert 0 <= v["near_copy_share"][0] <= 1 and v["updates_per_image"] >= 1 and v["seconds_per_image"] > 0
+        for shot in (1, 2):   # the evaluate stage's paired gains, carried over as they are
+            gain, ci = v["gain_over_real_only"][str(shot)]
+            assert gain == accuracy[variant, shot]["gain"]
+            assert ci == accuracy[variant, shot]["gain_ci95"] or (math.isnan(ci) and math.isnan(accuracy[variant, shot]["gain_ci95"]))
+    md = (project / "results" / "mini-digits" / "recipe.md").read_text()
+    assert all(f"| {label} |" in md for label in rows)
+    params["fewshot_recipe"]["rows"] = {"missing": "seedselect-no-bootstrap"}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ValueError, match="no synthetic images of 'seedselect-no-bootstrap'"):
+        recipe.main(["--params", str(tmp_path / "params.yaml")])
 
 
 def test_seedselect_contrasts_the_test_classes_and_a_variant_does_not(project):

@@ -114,3 +114,23 @@ def test_rerun_redoes_nothing_and_is_deterministic(project):
     main(["all", "--params", str(project / "params.yaml")])
     assert _mtimes(project) == before  # dataset, episodes, images, backbone, features: all reused
     assert (project / "data" / "digits" / "episodes" / "test-3way-5shot-15q.json").read_text() == episodes
+
+
+def test_damaged_backbone_features_and_images_are_redone(project, caplog):
+    """Truncated / emptied / overwritten stage outputs are named in a warning and made again, the same."""
+    import hashlib
+
+    d = project / "data" / "digits"
+    backbone = next((d / "backbone").glob("*.safetensors"))
+    features = next((d / "features").rglob("synthetic-augment.safetensors"))
+    image = sorted((d / "synthetic" / "augment").rglob("*.png"))[3]
+    victims = {backbone: b"", features: features.read_bytes()[:100], image: b"\x89PNG garbage"}
+    digest = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in victims}
+    accuracy = (project / "results" / "digits" / "accuracy.csv").read_text()
+    for p, data in victims.items():
+        p.write_bytes(data)
+    main(["all", "--params", str(project / "params.yaml")])
+    for p in victims:
+        assert any(p.name in r.getMessage() and r.levelname == "WARNING" for r in caplog.records), p
+        assert hashlib.sha256(p.read_bytes()).hexdigest() == digest[p], f"{p.name} not redone identically"
+    assert (project / "results" / "digits" / "accuracy.csv").read_text() == accuracy

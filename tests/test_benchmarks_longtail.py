@@ -393,7 +393,7 @@ def test_extra_images_join_the_training_set_under_their_class(tmp_path):
 
 # --- end to end ----------------------------------------------------------------------------------
 
-def test_tiny_train_evaluate_report_through_the_cli(fixture, tmp_path):
+def test_tiny_train_evaluate_report_through_the_cli(fixture, tmp_path, caplog):
     """data -> train -> evaluate -> report on the fixture: 3 seeds x (CE, logit adjustment with tau
     chosen on val from two values) plus one extra-image method, a tiny timm model, 1 epoch."""
     spec, lists, _ = fixture
@@ -445,3 +445,20 @@ def test_tiny_train_evaluate_report_through_the_cli(fixture, tmp_path):
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "data").rglob("predictions.npz")}
     assert stages.main(["train", "--params", str(params)]) == 0
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "data").rglob("predictions.npz")} == before
+    # damaged outputs (garbage in a predictions file, a truncated split file) are redone, the same
+    victim = sorted(before)[0]
+    with np.load(victim) as z:
+        saved = {k: z[k] for k in z.files}
+    blob = victim.read_bytes()
+    victim.write_bytes(blob[:len(blob) // 2] + b"\0" * 16 + blob[len(blob) // 2 + 16:])
+    split = tmp_path / "data" / spec.name / "prepared" / "train.csv"
+    text = split.read_text()
+    split.write_text(text[:len(text) // 2])
+    with caplog.at_level("WARNING"):
+        assert stages.main(["data", "--params", str(params)]) == 0
+        assert stages.main(["train", "--params", str(params)]) == 0
+    assert split.read_text() == text and any(split.name in r.getMessage() for r in caplog.records)
+    assert any(victim.name in r.getMessage() for r in caplog.records)
+    with np.load(victim) as z:
+        assert saved.keys() == set(z.files) and all(np.array_equal(saved[k], z[k]) for k in saved)
+    assert {p: p.stat().st_mtime_ns for p in before if p != victim} == {p: t for p, t in before.items() if p != victim}

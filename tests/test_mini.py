@@ -398,6 +398,28 @@ def test_claims_rerun_reuses_finished_units_and_a_changed_setting_makes_new_ones
         claims.run(changed)
 
 
+@pytest.mark.parametrize("how", ["truncate", "garbage"])
+def test_claims_damaged_unit_is_redone_the_same(world, monkeypatch, caplog, how):
+    from benchmarks.mini import claims
+    from pipelines.io import _split_safetensors
+
+    unit = sorted(Path(world.claims.work_dir).glob("sd-*.safetensors"))[0]
+    blob = unit.read_bytes()
+    metrics_before = (world.results_dir / "metrics.json").read_text()
+    mid = len(blob) // 2
+    unit.write_bytes(blob[:mid] if how == "truncate" else blob[:mid] + b"\xff" * 8 + blob[mid + 8:])
+
+    def regenerate(*args, **kwargs):
+        raise AssertionError("regenerated an undamaged unit")
+
+    for name in ("_seedselect", "_nao_seedselect"):
+        monkeypatch.setattr(claims.ClaimsRun, name, regenerate)
+    claims.run(world)
+    assert any(unit.name in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+    assert _split_safetensors(unit.read_bytes())[1] == _split_safetensors(blob)[1]  # same images (timings differ)
+    assert (world.results_dir / "metrics.json").read_text() == metrics_before
+
+
 def test_claims_unit_names_change_with_references_and_generation_code(world, monkeypatch):
     from benchmarks.mini import claims
 

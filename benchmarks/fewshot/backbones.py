@@ -18,7 +18,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from benchmarks.fewshot.registry import unknown_error
-from pipelines.io import save_tensors
+from pipelines.io import load_tensors, save_tensors
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -146,14 +146,11 @@ def extract_features(model: torch.nn.Module, images: Callable[[int], Image.Image
 def cached_features(path: str | Path, keys: list[str], compute: Callable[[], torch.Tensor]) -> torch.Tensor:
     """Features of ``keys`` (row ids or image paths) from ``path`` if it holds exactly those keys,
     else computed by ``compute()`` and saved there atomically."""
-    from safetensors import safe_open
-
     path = Path(path)
     digest = hashlib.sha256("\n".join(keys).encode()).hexdigest()
-    if path.is_file():
-        with safe_open(str(path), "pt") as f:
-            if (f.metadata() or {}).get("keys_sha256") == digest:
-                return f.get_tensor("features")
+    cached = load_tensors(path, "features")
+    if cached is not None and cached[1].get("keys_sha256") == digest:
+        return cached[0]["features"]
     feats = compute()
     if feats.shape[0] != len(keys):
         raise ValueError(f"{path}: computed {feats.shape[0]} features for {len(keys)} keys")

@@ -8,6 +8,7 @@ saved directory appears complete or not at all, and a rerun whose directory pass
 returns at once."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 
 from benchmarks.fewshot.registry import SPLITS, BenchmarkSpec, unknown_error
 from pipelines.hub import dataset_load_error, ensure_available
-from pipelines.io import write_json
+from pipelines.io import read_record, write_json, write_record
 
 INTEGRITY_FILE = "integrity.json"
 
@@ -165,7 +166,7 @@ def prepare(spec: BenchmarkSpec, out_dir: str | Path, source: datasets.DatasetDi
 
     Skips all work if ``out_dir`` already holds a prepared dataset that passes the count check."""
     out_dir = Path(out_dir)
-    if (out_dir / INTEGRITY_FILE).is_file():
+    if read_record(out_dir / INTEGRITY_FILE, what="prepared dataset record") is not None:  # files re-hashed
         try:
             verify(datasets.load_from_disk(str(out_dir)), spec, check_images=False)
         except DatasetIntegrityError as e:
@@ -182,9 +183,25 @@ def prepare(spec: BenchmarkSpec, out_dir: str | Path, source: datasets.DatasetDi
     if tmp.exists():
         shutil.rmtree(tmp)
     ds.save_to_disk(str(tmp))
-    write_json(tmp / INTEGRITY_FILE, {"benchmark": spec.name, "source": spec.hf_id, "spec": spec.to_json(), **report})
+    files = sorted(p for p in tmp.iterdir() if p.is_file())
+    _pin_fingerprint(tmp, files)
+    write_record(tmp / INTEGRITY_FILE, {"benchmark": spec.name, "source": spec.hf_id, "spec": spec.to_json(), **report},
+                 {p.name: p for p in files}, overwrite=True)
     os.replace(tmp, out_dir)
     return out_dir
+
+
+def _pin_fingerprint(folder: Path, files: list[Path]) -> None:
+    """Replace the saved dataset's fingerprint by a hash of its Arrow data: ``datasets`` derives it
+    from the source files' paths and modification times, so identical inputs gave a different
+    ``state.json`` on every fresh clone (and a different DVC output hash)."""
+    state = json.loads((folder / "state.json").read_text())
+    digest = hashlib.sha256()
+    for p in files:
+        if p.suffix == ".arrow":
+            digest.update(p.read_bytes())
+    state["_fingerprint"] = digest.hexdigest()[:16]
+    write_json(folder / "state.json", state)
 
 
 def load_prepared(spec: BenchmarkSpec, out_dir: str | Path) -> datasets.Dataset:
@@ -209,11 +226,11 @@ def class_index(ds: datasets.Dataset) -> dict[str, np.ndarray]:
 def export_images(ds: datasets.Dataset, rows, out_dir: str | Path) -> list[Path]:
     """Write dataset rows as PNG files ``<out_dir>/<row>.png`` (skipping existing ones), e.g. as the
     reference images of a generator. Returns the paths in the order of ``rows``."""
-    from pipelines.io import save_image
+    from pipelines.io import check_image, save_image
 
     out_dir = Path(out_dir)
     paths = [out_dir / f"{int(r):07d}.png" for r in rows]
-    todo = [(int(r), p) for r, p in zip(rows, paths) if not p.exists()]
+    todo = [(int(r), p) for r, p in zip(rows, paths) if not check_image(p, "exported image")]
     for r, p in todo:
         save_image(p, ds[r]["image"].convert("RGB"))
     return paths

@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,8 +31,9 @@ import numpy as np
 import torch
 
 from benchmarks.fewshot.registry import SPLITS, BenchmarkSpec
+from benchmarks.mini.common import set_threads
 from benchmarks.params import load_section
-from pipelines.io import write_json
+from pipelines.io import atomic_dir, write_json
 
 log = logging.getLogger("benchmarks.fewshot.mini")
 
@@ -68,7 +67,7 @@ class MiniFewShotParams:
     min_images_per_class: int = 20     # 5 shots + 15 queries
     guide_dir: str = "data/fewshot/mini-digits-guide"
     guide: GuideParams = field(default_factory=GuideParams)
-    threads: int = 1                   # torch threads (OpenMP spins on a shared 2-core machine)
+    threads: int = 1                   # torch threads: fixed, so the guide's weights do not depend on the machine
 
     @property
     def spec_path(self) -> Path:
@@ -79,12 +78,6 @@ def _digit_names() -> tuple[str, ...]:
     from benchmarks.mini.config import DIGIT_NAMES
 
     return DIGIT_NAMES
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
 
 
 def build_source(p: MiniFewShotParams) -> BenchmarkSpec:
@@ -121,18 +114,15 @@ def build_source(p: MiniFewShotParams) -> BenchmarkSpec:
         source_splits={"train": "*"},
         images_per_split={s: sum(counts[c] for c in p.classes[s]) for s in SPLITS}, total_images=len(labels),
         min_images_per_class=p.min_images_per_class, image_size=int(pools[p.novel_split][0].shape[-1]))
-    out = Path(p.out_dir)
-    tmp = out.with_name(f".{out.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
-    (tmp / "data").mkdir(parents=True)
-    datasets.Dataset.from_dict({"image": images, "label": labels}, features=features) \
-        .to_parquet(str(tmp / "data" / "train-00000-of-00001.parquet"))
-    write_json(tmp / "spec.json", spec.to_json())
-    write_json(tmp / "source.json", {"mini_data": p.mini_data, "base_split": p.base_split,
-                                     "novel_split": p.novel_split, "tail_classes": tail, "images_per_class": counts})
-    _replace_dir(tmp, out)
+    with atomic_dir(p.out_dir) as tmp:
+        (tmp / "data").mkdir(parents=True)
+        datasets.Dataset.from_dict({"image": images, "label": labels}, features=features) \
+            .to_parquet(str(tmp / "data" / "train-00000-of-00001.parquet"))
+        write_json(tmp / "spec.json", spec.to_json())
+        write_json(tmp / "source.json", {"mini_data": p.mini_data, "base_split": p.base_split,
+                                         "novel_split": p.novel_split, "tail_classes": tail,
+                                         "images_per_class": counts})
     return spec
 
 
@@ -180,14 +170,10 @@ def train_guide(p: MiniFewShotParams) -> dict:
         pred = model(pixel_values=(to_unit(test_x) - 0.5) / 0.5).logits.argmax(1)
     report = {"test_accuracy": float((pred == test_y).float().mean()), "trained_on": g.split,
               "seconds": round(time.perf_counter() - t0, 1), "params": asdict(g)}
-    out = Path(p.guide_dir)
-    tmp = out.with_name(f".{out.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    write_json(tmp / "training.json", report)
-    _replace_dir(tmp, out)
+    with atomic_dir(p.guide_dir) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        write_json(tmp / "training.json", report)
     return report
 
 
@@ -200,8 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     p = load_section(MiniFewShotParams, args.section, args.params)
-    if p.threads > 0:
-        torch.set_num_threads(p.threads)
+    set_threads(p.threads)
     if args.stage == "source":
         spec = build_source(p)
         print(json.dumps({"spec": str(p.spec_path), "images_per_split": spec.images_per_split}))

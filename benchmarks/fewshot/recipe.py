@@ -17,8 +17,8 @@ and ``recipe.json``.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
+import math
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +62,7 @@ def _records(run: Run, variant: str) -> list[dict]:
     """The per-image JSON records of a variant's runs (matched by its resolved settings and models)."""
     settings = {"cache_dir": str(run.dir / "generation-cache"), **run.p.synthesis.settings}
     method, s = synthesis.resolve_variant(variant, run.p.synthesis.variants, settings)
-    ident = synthesis.generation_identity(method, s)
+    ident = json.loads(json.dumps(synthesis.generation_identity(method, s)))   # tuples as the records hold them
     out = []
     for path in sorted((run.dir / "generation-runs").glob(f"{method}-*/*/{method}-*-[0-9][0-9][0-9][0-9][0-9].json")):
         rec = json.loads(path.read_text())
@@ -76,16 +76,12 @@ def _load(paths) -> torch.Tensor:
                         for x in paths]).float() / 255
 
 
-def _gains(run: Run, variant: str, head: str) -> dict[int, tuple[float, float] | None]:
+def _gains(run: Run, variant: str, head: str) -> dict[int, tuple[float, float]]:
     """shot -> (gain over real-only, its 95% half-width) from the evaluate stage's accuracy table."""
-    path = run.results / "accuracy.csv"
-    with open(path, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["method"] == variant and r["head"] == head]
-    out = {}
-    for r in rows:
-        if r.get("gain") not in (None, ""):
-            out[int(r["shot"])] = (float(r["gain"]), float(r["gain_ci95"]))
-    return out
+    from benchmarks.fewshot.reports import read_accuracy_csv
+
+    return {r["shot"]: (r["gain"], r["gain_ci95"]) for r in read_accuracy_csv(run.results / "accuracy.csv")
+            if r["method"] == variant and r["head"] == head and r["gain"] is not None}
 
 
 def measure(p: RecipeParams, fs: FewShotParams) -> dict:
@@ -136,7 +132,9 @@ def measure(p: RecipeParams, fs: FewShotParams) -> dict:
 
 
 def _pm(value: tuple[float, float], scale: float = 1.0, digits: int = 1) -> str:
-    return f"{value[0] * scale:.{digits}f} ± {value[1] * scale:.{digits}f}"
+    """``mean ± half-width``; ``n/a`` for an interval that resamples nothing (NaN)."""
+    ci = "n/a" if math.isnan(value[1]) else f"{value[1] * scale:.{digits}f}"
+    return f"{value[0] * scale:.{digits}f} ± {ci}"
 
 
 def render(result: dict, target_row: str = "seedselect", baseline_row: str = "seedselect-per-concept-no-bootstrap") -> str:

@@ -33,9 +33,10 @@ from benchmarks.fewshot import backbones as bb
 from benchmarks.fewshot import classifiers as clf
 from benchmarks.fewshot import data, reports, sampling, stats, synthesis
 from benchmarks.fewshot.registry import BenchmarkSpec, get_benchmark
+from benchmarks.mini.common import set_threads
 from benchmarks.params import load_section
 from benchmarks.worksharing import ClaimBoard
-from pipelines.io import write_json
+from pipelines.io import check_image, load_tensors, write_json
 
 log = logging.getLogger("benchmarks.fewshot")
 STAGES = ("download", "episodes", "synthesize", "features", "evaluate", "report")
@@ -102,6 +103,7 @@ class FewShotParams:
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     combined_table: str = "results/fewshot.md"
     progress: bool = True
+    threads: int = 0                  # torch CPU threads; fixed (> 0), results do not depend on the machine's cores
     # prefix of the synthesize stage's command in dvc.yaml, e.g. "accelerate launch --multi_gpu
     # --num_processes 8 --no_python" (processes share the manifest through claim files)
     launcher: str = ""
@@ -213,7 +215,7 @@ def _backbone(run: Run, replicate: int = 0) -> tuple[torch.nn.Module, str]:
     cfg = bb.TrainConfig(b.epochs, b.batch_size, b.lr, b.weight_decay, sampling.key_seed(run.p.seed, "backbone", replicate))
     recipe = {"name": b.name, "image_size": run.image_size, **dataclasses.asdict(cfg)}
     path = run.dir / "backbone" / f"{b.name}-{_digest(recipe)}.safetensors"
-    if not path.is_file():
+    if load_tensors(path, "backbone") is None:
         splits, all_labels = run.ds["split"], run.ds["label"]
         train = [i for i, s in enumerate(splits) if s == "train"]
         labels = [all_labels[i] for i in train]
@@ -277,7 +279,7 @@ def _features(run: Run, backbone: tuple[torch.nn.Module, str]) -> tuple[torch.Te
         paths = [p for key in sorted(groups) for p in groups[key]]
         if not paths:
             raise FileNotFoundError(f"{manifest}: no synthetic images listed for method {method!r}; run the synthesize stage")
-        missing = [p for p in paths if not Path(p).is_file()]
+        missing = [p for p in paths if not check_image(p, "synthetic image")]
         if missing:
             raise FileNotFoundError(f"method {method!r}: {len(missing)} synthetic images missing, e.g. {missing[0]}; run the synthesize stage")
         feats = bb.cached_features(fdir / f"synthetic-{method}.safetensors", paths, lambda: bb.extract_features(
@@ -405,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     p = load_section(FewShotParams, args.section, args.params)
+    set_threads(p.threads)
     stray = sorted(set(p.dataset_ids) - set(p.benchmarks))
     if stray:
         raise ValueError(f"{args.params}: {args.section}.dataset_ids names {stray}, not in benchmarks {p.benchmarks}")

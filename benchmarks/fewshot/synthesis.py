@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from benchmarks.fewshot.registry import unknown_error
 from benchmarks.fewshot.sampling import SupportSet, key_seed, write_text_if_changed
 from benchmarks.worksharing import ClaimBoard
+from pipelines.io import check_image
 
 REAL_ONLY = "real-only"
 PIPELINE_METHODS = ("sd", "seedselect", "nao-seedselect", "dct")
@@ -313,7 +314,7 @@ def run_manifest(rows: list[SynthesisRow], resolve: Callable[[str], Generator] =
     while pending:
         progressed = False
         for gkey, group in list(pending.items()):
-            missing = [r for r in group if not Path(r.path).exists()]
+            missing = [r for r in group if not check_image(r.path, "synthetic image")]
             if not missing:
                 report.skipped += len(group)
                 del pending[gkey]
@@ -323,7 +324,7 @@ def run_manifest(rows: list[SynthesisRow], resolve: Callable[[str], Generator] =
             if board is not None and not board.try_claim(claim):
                 continue  # another process makes it; come back to it at the end
             with board.holding(claim) if board is not None else contextlib.nullcontext():
-                missing = [r for r in group if not Path(r.path).exists()]
+                missing = [r for r in group if not check_image(r.path, "synthetic image")]
                 report.skipped += len(group) - len(missing)
                 if missing:
                     _run_group(group, missing, generators, resolve, bar)

@@ -33,7 +33,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from benchmarks.longtail.registry import SPLITS, ListFile, LongTailSpec, sha256, shipped_list
-from pipelines.io import write_bytes, write_json, write_text
+from pipelines.io import check_image, read_record, write_bytes, write_record, write_text
 
 INTEGRITY_FILE = "integrity.json"
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
@@ -223,7 +223,7 @@ def find_images(spec: LongTailSpec, entries: dict[str, list[tuple[str, int]]], r
     wanted = {entry_key(spec, p): p for split in SPLITS for p, _ in entries[split]}
     search = _Search(spec, wanted, {}, extract_dir)
     for key, rel in list(wanted.items()):  # extracted by an earlier, interrupted run
-        if (extract_dir / rel).is_file():
+        if check_image(extract_dir / rel, "extracted image"):
             search.found[key] = extract_dir / wanted.pop(key)
     tars = []
     walk = tqdm(desc=f"{spec.name}: indexing {root}", unit=" dirs", disable=not progress)
@@ -285,7 +285,7 @@ def prepare(spec: LongTailSpec, image_root: str | Path, out_dir: str | Path, cac
     """Check the lists, find every listed image under ``image_root`` and write the prepared split
     files to ``out_dir``; returns at once if ``out_dir`` already holds a prepared copy."""
     out_dir = Path(out_dir)
-    if (out_dir / INTEGRITY_FILE).is_file():
+    if read_record(out_dir / INTEGRITY_FILE, what="prepared split record") is not None:  # split files re-hashed
         load_prepared(spec, out_dir)
         return out_dir
     entries = read_lists(spec, cache_dir)
@@ -304,8 +304,9 @@ def prepare(spec: LongTailSpec, image_root: str | Path, out_dir: str | Path, cac
         for rel, label in entries[split]:
             w.writerow([str(found[entry_key(spec, rel)].resolve()), label, spec.classes[label]])
         write_text(tmp / f"{split}.csv", buf.getvalue())
-    write_json(tmp / INTEGRITY_FILE, {"benchmark": spec.name, "image_root": str(image_root), "spec": spec.to_json(),
-                                      "images": {s: len(entries[s]) for s in SPLITS}, "images_decoded": check_images})
+    write_record(tmp / INTEGRITY_FILE, {"benchmark": spec.name, "image_root": str(image_root), "spec": spec.to_json(),
+                                        "images": {s: len(entries[s]) for s in SPLITS}, "images_decoded": check_images},
+                 {s: tmp / f"{s}.csv" for s in SPLITS}, overwrite=True)
     if out_dir.exists():  # an earlier attempt without its integrity record
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)

@@ -34,7 +34,7 @@ from benchmarks.fewshot.registry import UnknownNameError, unknown_error
 from benchmarks.longtail import data, evaluation, reports, synthesis, training
 from benchmarks.longtail.registry import SPLITS, LongTailSpec, get_benchmark, with_train_list
 from benchmarks.params import load_section
-from pipelines.io import atomic_path, save_tensors, write_json
+from pipelines.io import atomic_path, load_whole, save_tensors, write_json
 
 log = logging.getLogger("benchmarks.longtail")
 STAGES = ("data", "train", "evaluate", "report")
@@ -121,7 +121,8 @@ def stage_data(run: Run) -> None:
 def _train_one(run: Run, out: Path, paths, labels, loss: str, tau: float, seed: int) -> dict[str, np.ndarray]:
     """Predictions on val and test of the classifier (method, loss, tau, seed); trains it unless done."""
     preds_path = out / f"seed{seed}" / "predictions.npz"
-    if not preds_path.is_file():
+    preds = load_whole(preds_path, _load_predictions, "predictions")
+    if preds is None:
         cfg = run.p.train
         model = training.train_classifier(paths, labels, len(run.spec.classes), cfg, loss, seed, tau,
                                           state_path=out / f"seed{seed}" / "state.pt", progress=run.p.progress)
@@ -135,7 +136,11 @@ def _train_one(run: Run, out: Path, paths, labels, loss: str, tau: float, seed: 
             with open(tmp, "wb") as f:
                 np.savez(f, **preds)
         (out / f"seed{seed}" / "state.pt").unlink(missing_ok=True)  # the finished model replaces the resume point
-    with np.load(preds_path) as z:
+    return preds
+
+
+def _load_predictions(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as z:  # reading every member checks the zip CRCs
         return {k: z[k] for k in z.files}
 
 

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from benchmarks.fewshot.backbones import IMAGENET_MEAN, IMAGENET_STD
 from benchmarks.fewshot.registry import unknown_error
-from pipelines.io import atomic_path
+from pipelines.io import atomic_path, load_whole
 
 LOSSES = ("ce", "logit-adjusted")
 SCHEDULES = ("cosine", "step")
@@ -174,8 +174,9 @@ def train_classifier(paths: Sequence[str], labels: np.ndarray, num_classes: int,
     opt = torch.optim.SGD(_param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = _schedule(opt, cfg, len(loader))
     start = 0
-    if state_path is not None and Path(state_path).is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    state = load_whole(state_path, lambda p: torch.load(p, map_location="cpu", weights_only=True), "resume point") \
+        if state_path is not None else None
+    if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+
+from pipelines.io import ArtifactWriteError
 
 from .common import set_threads
 from .config import load_config
@@ -57,7 +60,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("stage", choices=STAGES)
     p.add_argument("--params", default="params.yaml")
     args = p.parse_args(argv)
-    report = run_stage(args.stage, args.params)
+    try:
+        report = run_stage(args.stage, args.params)
+    except ArtifactWriteError as e:  # disk full, read-only output: one line, finished artifacts kept
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(json.dumps({k: v for k, v in report.items() if k not in ("log", "per_class", "config")}, indent=2, default=str))
 
 

@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 from pipelines.loading import load_components
 from pipelines.references import load_reference_images
-from pipelines.io import save_image, save_tensors, write_json, write_text
+from pipelines.io import load_tensors, save_image, save_tensors, write_json, write_text
 from pipelines.registry import get_method
 from pipelines.sampling import derive_seed
 
@@ -208,13 +208,9 @@ class ClaimsRun:
     def unit(self, kind: str, method: str, label: int, seed: int, n: int, settings) -> dict:
         """Images (and traces) of one (method, class, seed): loaded when finished, else generated."""
         path = self.unit_path(kind, label, seed, n, settings)
-        if path.is_file():
-            from safetensors import safe_open
-
-            with safe_open(str(path), "pt") as f:
-                out = {k: f.get_tensor(k) for k in f.keys()}
-                out["record"] = json.loads(f.metadata()["record"])
-            return out
+        cached = load_tensors(path, "claims unit")
+        if cached is not None:
+            return {**cached[0], "record": json.loads(cached[1]["record"])}
         t0 = time.perf_counter()
         out = getattr(self, "_" + method.replace("-", "_"))(label, seed, n, settings)
         out["record"]["seconds"] = round(time.perf_counter() - t0 + out["record"].get("z_star_seconds", 0.0), 2)

@@ -2,37 +2,24 @@
 from __future__ import annotations
 
 import math
-import shutil
-import tempfile
+import os
 import time
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from tqdm import tqdm
 
 
-@contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path``; on success it replaces ``path`` whole, so a model
-    folder is complete or absent (a killed training never leaves a half-saved model behind)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        yield tmp
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-
-
 def set_threads(n: int) -> None:
+    """Fix torch's CPU thread count and ask for deterministic algorithms, for stages that reproduce.
+
+    CPU results depend on the number of threads (it partitions the reductions), not on the number of
+    cores: a fixed ``n`` gives the same bits on any machine with the same instruction set, while
+    ``0`` (torch's default, one thread per core) makes them depend on the machine."""
     if n > 0:
         torch.set_num_threads(n)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what deterministic cuBLAS needs
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def warmup_cosine(step: int, total: int, warmup: int) -> float:

@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pipelines.io import write_json
+from pipelines.io import atomic_dir, write_json
 
 from . import data
-from .common import Timer, atomic_dir, train_loop
+from .common import Timer, train_loop
 from .config import MiniConfig
 
 # ALGORITHMS.md section 1: the SD 2.1-base DDIM configuration

@@ -12,10 +12,10 @@ from dataclasses import asdict
 import torch
 import torch.nn.functional as F
 
-from pipelines.io import write_json
+from pipelines.io import atomic_dir, write_json
 
 from . import data
-from .common import Timer, atomic_dir, train_loop
+from .common import Timer, train_loop
 from .config import MiniConfig
 
 MEAN = [0.5, 0.5, 0.5]

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.classifiers import mark_as_evaluator
-from pipelines.io import save_tensors, write_json
+from pipelines.io import atomic_dir, save_tensors, write_json
 
 from . import data
-from .common import Timer, atomic_dir, train_loop
+from .common import Timer, train_loop
 from .config import MiniConfig
 
 MEAN = (0.5, 0.5, 0.5)

@@ -8,9 +8,8 @@ from dataclasses import asdict
 
 import torch
 
-from pipelines.io import write_json
+from pipelines.io import atomic_dir, write_json
 
-from .common import atomic_dir
 from .config import MiniConfig
 from .tokenizer import build_clip_tokenizer
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import benchmarks.perf as perf_pkg
+from pipelines.io import write_text
 
 
 def available() -> list[str]:
@@ -41,10 +42,7 @@ def _run_one(name: str, argv: list[str], echo: bool = False) -> dict:
     result = {"benchmark": name, **module.run(args)}
     text = json.dumps(result, indent=2)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(args.out.suffix + ".tmp")
-        tmp.write_text(text + "\n")
-        tmp.replace(args.out)
+        write_text(args.out, text + "\n")
     if echo:
         print(text)
     return result
