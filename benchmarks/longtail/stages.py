@@ -161,6 +161,9 @@ def stage_synthesize(run: Run) -> None:
     """Generate the planned images of every synthesis method through the few-shot manifest and worker
     (resumable, shared by any number of processes through claim files)."""
     sp = run.p.synthesis
+    if not sp.methods:
+        log.info("%s: no synthesis methods", run.spec.name)
+        return
     supports, plan = synthesis_supports(run)
     settings = {"cache_dir": str(run.dir / "generation-cache"), "work_dir": str(run.dir / "generation-runs"),
                 **sp.settings}
