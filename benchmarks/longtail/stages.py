@@ -161,7 +161,9 @@ def stage_synthesize(run: Run) -> None:
     """Generate the planned images of every synthesis method through the few-shot manifest and worker
     (resumable, shared by any number of processes through claim files)."""
     sp = run.p.synthesis
-    if not sp.methods:
+    if not sp.methods:  # an empty manifest: the stage's outputs exist, training adds nothing
+        fewshot_synthesis.write_manifest([], run.manifest_path)
+        (run.dir / "synthetic").mkdir(parents=True, exist_ok=True)
         log.info("%s: no synthesis methods", run.spec.name)
         return
     supports, plan = synthesis_supports(run)
