@@ -1,12 +1,13 @@
 """Long-tail benchmarks: shipped lists, the ImageNet-LT data stage on a fixture laid out like
 ILSVRC2012, the shot-group rule, the logit-adjusted loss, intervals over seeds, the synthesis
-selection rule, and a tiny train -> evaluate -> report run through the CLI."""
+selection rule, a tiny train -> evaluate -> report run through the CLI, and mini-lt synthesis on tiny models."""
 import dataclasses
 import hashlib
 import io
 import json
 import math
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -462,3 +463,72 @@ def test_tiny_train_evaluate_report_through_the_cli(fixture, tmp_path, caplog):
     with np.load(victim) as z:
         assert saved.keys() == set(z.files) and all(np.array_equal(saved[k], z[k]) for k in saved)
     assert {p: p.stat().st_mtime_ns for p in before if p != victim} == {p: t for p, t in before.items() if p != victim}
+
+
+# --- mini-lt: the miniature world's corpus, synthesis for the rare classes on tiny models ----------
+
+def test_mini_lt_synthesis_plans_the_rare_classes_and_feeds_training(tmp_path):
+    """mini world data (scikit-learn digits) -> mini-lt source -> data -> synthesize through the REAL
+    pipelines on tiny models (sd; seedselect with its contrastive loss over chunks of 2 classes) ->
+    train (1 epoch) -> evaluate: the manifest holds exactly the medium + few classes x M images, each
+    contrast set is one chunk, references come from the class's training images, and the generated
+    images join the training set under their class."""
+    from benchmarks.fewshot.synthesis import read_manifest
+    from benchmarks.longtail import mini as mini_lt
+    from benchmarks.mini.config import DataConfig
+    from benchmarks.mini.data import build
+    from pipelines.testing import save_tiny_image_encoder, save_tiny_pipeline
+
+    torch.set_num_threads(1)
+    build(DataConfig(source="sklearn_digits", image_size=32, n_train_tail=2, n_train_head=40, n_test=3, n_val=2,
+                     n_references=1, n_encoder=1, n_evaluator=1), tmp_path / "mini")
+    save_tiny_pipeline(tmp_path / "sd")
+    save_tiny_image_encoder(tmp_path / "clip")
+    src = tmp_path / "source"
+    m = 2
+    cfg = {"benchmarks": [str(src / "spec.json")], "image_roots": {"mini-lt": str(src / "images")},
+           "data_dir": str(tmp_path / "data"), "results_dir": str(tmp_path / "results"), "progress": False, "losses": ["ce"],
+           "synthesis": {"methods": ["sd", "seedselect"], "images_per_class": m, "references_per_class": 3,
+                         "contrast_size": 2, "settings": {
+                             "preset": "fast", "model": str(tmp_path / "sd"), "image_encoder": str(tmp_path / "clip"),
+                             "device": "cpu", "methods": {
+                                 "sd": {"num_inference_steps": 2},
+                                 "seedselect": {"num_inference_steps": 3, "iterations": 1, "bootstrap_iterations": 1}}}},
+           "train": {"model": "test_resnet", "image_size": 32, "epochs": 1, "batch_size": 64, "hflip": False,
+                     "crop_scale": [0.7, 1.0], "test_resize": 1.0, "num_workers": 0, "amp": False, "device": "cpu"}}
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"longtail": cfg, "mini_lt": {"mini_data": str(tmp_path / "mini"), "out_dir": str(src)}}))
+    assert mini_lt.main(["source", "--params", str(params)]) == 0
+    spec = get_benchmark(str(src / "spec.json"))
+    # counts 40 .. 2 over 8 levels; thresholds scaled from ImageNet-LT's 20 / 100 over 5..1280
+    assert (spec.many_shot_threshold, spec.few_shot_threshold) == mini_lt.scaled_thresholds(2, 40)
+    for stage in ("data", "synthesize"):
+        assert stages.main([stage, "--params", str(params)]) == 0
+    run = stages.Run(stages.load_section(stages.LongTailParams, "longtail", params), str(src / "spec.json"))
+    counts = dict(zip(spec.classes, run.train_counts.tolist()))
+    rare = [c for c in spec.classes if evaluation.shot_group(counts[c], spec.many_shot_threshold,
+                                                              spec.few_shot_threshold) != "many"]
+    assert {"two", "five"} <= set(rare) and len(rare) >= 4
+    rows = read_manifest(run.manifest_path)
+    for method in ("sd", "seedselect"):
+        mine = [r for r in rows if r.method == method]
+        assert sorted({r.class_name for r in mine}) == sorted(rare)
+        assert all(sum(r.class_name == c for r in mine) == m for c in rare)
+        chunks = {}
+        for r in mine:
+            chunks.setdefault(r.trial, set()).add(r.class_name)
+        assert sorted(map(sorted, chunks.values())) == sorted(map(sorted, synthesis.contrast_sets(spec.classes, dict.fromkeys(rare, m), 2)))
+        train_files = {Path(p).name: spec.classes[y] for p, y in zip(run.splits["train"].paths, run.splits["train"].labels)}
+        for r in mine:
+            refs = [Path(p).name for p in r.refs.split(";")]
+            assert len(refs) == min(3, counts[r.class_name]) and all(train_files.get(f) == r.class_name for f in refs)
+            assert Path(r.path).is_file()
+    contrast = [json.loads(p.read_text()) for p in (run.dir / "generation-runs").glob("seedselect-*/*/seedselect-*-00000.json")]
+    assert len(contrast) == len(rare) and all(len(rec["contrast_set"]) == 2 for rec in contrast)
+    assert stages.main(["train", "--params", str(params)]) == 0
+    configs = {c.parts[-3].split("-")[0]: json.loads(c.read_text()) for c in run.dir.glob("runs/*-ce-*/seed0/config.json")}
+    real = len(run.splits["train"].paths)
+    assert configs["real"]["train_images"] == real and configs["sd"]["train_images"] == real + m * len(rare)
+    assert stages.main(["evaluate", "--params", str(params)]) == 0
+    assert {r["method"] for r in reports.read_accuracy_csv(tmp_path / "results" / "mini-lt" / "accuracy.csv")} == \
+        {"real", "sd", "seedselect"}

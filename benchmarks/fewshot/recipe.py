@@ -72,7 +72,7 @@ def _records(run: Run, variant: str) -> list[dict]:
 
 
 def _load(paths) -> torch.Tensor:
-    return torch.stack([torch.from_numpy(np.asarray(Image.open(x).convert("RGB"))).permute(2, 0, 1)
+    return torch.stack([torch.from_numpy(np.array(Image.open(x).convert("RGB"))).permute(2, 0, 1)
                         for x in paths]).float() / 255
 
 

@@ -243,13 +243,14 @@ def _file_digest(path: str) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()[:16] if p.is_file() else str(path)
 
 
-def build_manifest(supports: Iterable[SupportSet], methods: Iterable[str], images_per_support: int,
+def build_manifest(supports: Iterable[SupportSet], methods: Iterable[str], images_per_support: int | Callable[[SupportSet], int],
                    out_root: str | Path, ref_paths: Callable[[SupportSet], list[Path]],
                    prompt_for: Callable[[str], str], seed: int,
                    identity: Callable[[str], dict] = lambda method: {"method": method},
                    refs_needed: Callable[[str], int] = min_refs) -> list[SynthesisRow]:
     """One row per image to make: every generating method x contrast set (the classes of a split at a
-    shot and trial) x class x ``images_per_support``. ``identity(method)`` is hashed into the paths
+    shot and trial) x class x ``images_per_support`` (a number, or a function of the support set, e.g. a
+    long-tail class's top-up count). ``identity(method)`` is hashed into the paths
     with the group's seed, classes, prompts and reference contents (:func:`generation_identity` for
     pipelines), so the same inputs give the same names in any data folder."""
     out_root = Path(out_root)
@@ -269,7 +270,7 @@ def build_manifest(supports: Iterable[SupportSet], methods: Iterable[str], image
             content = [(c, prompt, [_file_digest(r) for r in refs]) for c, prompt, refs in members]
             key = hashlib.sha256(json.dumps([ident, group_seed, content], sort_keys=True).encode()).hexdigest()[:10]
             for s, (_, prompt, refs) in zip(group, members):
-                for j in range(images_per_support):
+                for j in range(images_per_support(s) if callable(images_per_support) else images_per_support):
                     path = out_root / method / class_dir_name(s.class_name) / f"{shot}shot-t{trial}-{key}-{j:03d}.png"
                     rows.append(SynthesisRow(str(path), method, benchmark, s.class_name, shot, trial, j,
                                              group_seed, prompt, ";".join(refs)))

@@ -78,6 +78,11 @@ class LongTailSpec:
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_json(cls, data: dict) -> "LongTailSpec":
+        return cls(**{**data, "classes": tuple(data["classes"]),
+                      "lists": {s: ListFile(**lf) for s, lf in data["lists"].items()}})
+
 
 def shipped_list(resource: str) -> bytes:
     """The published bytes of a shipped list (gunzipped)."""
@@ -150,6 +155,9 @@ def list_benchmarks() -> list[str]:
 
 
 def get_benchmark(name: str) -> LongTailSpec:
+    """Spec of a registered benchmark, or of a JSON spec file (``path/to/spec.json``, e.g. mini-lt's)."""
+    if name.endswith(".json") and Path(name).is_file():
+        return LongTailSpec.from_json(json.loads(Path(name).read_text()))
     if name not in _REGISTRY:
         raise unknown_error("unknown long-tail benchmark", name, list_benchmarks())
     return _REGISTRY[name]()

@@ -1,12 +1,13 @@
-"""The long-tail benchmark as DVC stages: data -> train -> evaluate -> report.
+"""The long-tail benchmark as DVC stages: data -> synthesize -> train -> evaluate -> report.
 
 ``python -m benchmarks.longtail <stage> --params params.yaml [--section longtail] [--benchmark NAME]``.
 Each stage reads its settings from one params.yaml section (:class:`LongTailParams`), works per
 benchmark, writes its artifacts atomically under names that encode what made them and skips
 finished work.
 
-Methods: ``real`` (the long-tailed training set alone) and every key of ``extra_images`` (the real
-set plus the images in ``<folder>/<class>/``). Each method is trained with every loss and every seed;
+Methods: ``real`` (the long-tailed training set alone), every method of ``synthesis.methods`` (the
+real set plus the images the synthesize stage generated for the rare classes, read from its manifest)
+and every key of ``extra_images`` (the real set plus the images in ``<folder>/<class>/``). Each method is trained with every loss and every seed;
 each (method, loss, seed) is a classifier trained from scratch. The logit-adjusted loss's tau is
 chosen from ``tau`` by overall top-1 on the validation split of the first seed's classifiers (the
 test split never chooses anything); the chosen tau then trains the other seeds.
@@ -14,6 +15,7 @@ test split never chooses anything); the chosen tau then trains the other seeds.
 Layout (``D = <data_dir>/<benchmark>``, ``R = <results_dir>/<benchmark>``)::
 
     D/lists/, D/images/, D/prepared/{train,val,test}.csv        downloaded train list, images extracted from tars (data)
+    D/synthesis.csv, D/synthetic/<method>/<class>/*.png           the manifest and its images               (synthesize)
     D/runs/<method>-<loss>[-tau<t>]-<recipe>/seed<k>/             model, predictions, resolved config           (train)
     R/accuracy.csv, R/per_class.csv, R/hparams.json                                                            (evaluate)
     R/accuracy.md, R/metrics.json, R/per_class_accuracy.png                                                    (report)
@@ -30,14 +32,17 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.fewshot import synthesis as fewshot_synthesis
 from benchmarks.fewshot.registry import UnknownNameError, unknown_error
+from benchmarks.fewshot.sampling import SupportSet
 from benchmarks.longtail import data, evaluation, reports, synthesis, training
 from benchmarks.longtail.registry import SPLITS, LongTailSpec, get_benchmark, with_train_list
 from benchmarks.params import load_section
+from benchmarks.worksharing import ClaimBoard
 from pipelines.io import atomic_path, load_whole, save_tensors, write_json
 
 log = logging.getLogger("benchmarks.longtail")
-STAGES = ("data", "train", "evaluate", "report")
+STAGES = ("data", "synthesize", "train", "evaluate", "report")
 REAL_ONLY = "real"
 # settings that change how fast a run goes, not what it learns
 _NOT_RECIPE = ("num_workers", "eval_batch_size", "device")
@@ -55,6 +60,7 @@ class LongTailParams:
     losses: list[str] = field(default_factory=lambda: ["ce", "logit-adjusted"])
     tau: list[float] = field(default_factory=lambda: [1.0])     # logit-adjusted loss; > 1 value: chosen on val
     extra_images: dict[str, str] = field(default_factory=dict)  # method -> folder of <class>/<image> files
+    synthesis: synthesis.SynthesisParams = field(default_factory=synthesis.SynthesisParams)
     train: training.TrainConfig = field(default_factory=training.TrainConfig)
     progress: bool = True
 
@@ -64,12 +70,15 @@ class LongTailParams:
                 raise unknown_error("unknown loss", loss, training.LOSSES)
         if len(self.seeds) < 3 or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be at least 3 distinct values (the interval is over seeds), got {self.seeds}")
-        if REAL_ONLY in self.extra_images:
-            raise ValueError(f"extra_images: {REAL_ONLY!r} is the method without extra images")
+        if REAL_ONLY in self.extra_images or REAL_ONLY in self.synthesis.methods:
+            raise ValueError(f"extra_images / synthesis.methods: {REAL_ONLY!r} is the method without extra images")
+        both = sorted(set(self.extra_images) & set(self.synthesis.methods))
+        if both:
+            raise ValueError(f"method {both[0]!r} is both in extra_images and in synthesis.methods")
 
     @property
     def methods(self) -> list[str]:
-        return [REAL_ONLY] + sorted(self.extra_images)
+        return [REAL_ONLY] + list(self.synthesis.methods) + sorted(self.extra_images)
 
 
 class Run:
@@ -95,9 +104,24 @@ class Run:
     def taus(self, loss: str) -> list[float]:
         return list(self.p.tau) if loss == "logit-adjusted" else [0.0]
 
+    @property
+    def manifest_path(self) -> Path:
+        return self.dir / "synthesis.csv"
+
     def extra(self, method: str) -> dict[str, list[Path]] | None:
         if method == REAL_ONLY:
             return None
+        if method in self.p.synthesis.methods:
+            if not self.manifest_path.is_file():
+                raise FileNotFoundError(f"{self.manifest_path}: no synthesis manifest; run the synthesize stage")
+            out: dict[str, list[Path]] = {}
+            for r in sorted(fewshot_synthesis.read_manifest(self.manifest_path), key=lambda r: (r.class_name, r.trial, r.image)):
+                if r.method == method:
+                    if not Path(r.path).is_file():
+                        raise FileNotFoundError(f"{r.path}: generated image listed in {self.manifest_path} is missing; "
+                                                "run the synthesize stage")
+                    out.setdefault(r.class_name, []).append(Path(r.path))
+            return out
         return synthesis.images_in_folder(self.p.extra_images[method], self.spec.classes)
 
     def run_dir(self, method: str, loss: str, tau: float, extra) -> Path:
@@ -116,6 +140,55 @@ def stage_data(run: Run) -> None:
         raise ValueError(f"image_roots has no entry for {run.spec.name!r}: give the folder holding its source images")
     data.prepare(run.spec, root, run.dir / "prepared", cache_dir=run.dir / "lists", check_images=run.p.check_images,
                  progress=run.p.progress)
+
+
+def synthesis_supports(run: Run) -> tuple[list[SupportSet], dict[str, int]]:
+    """The planned classes as the few-shot manifest's support sets: the references of each (from its
+    training images only), shot = ``references_per_class``, trial = its contrast set (chunk); and the plan."""
+    sp, spec, train = run.p.synthesis, run.spec, run.splits["train"]
+    counts = dict(zip(spec.classes, run.train_counts.tolist()))
+    plan = synthesis.synthesis_plan(counts, sp.groups, sp.images_per_class, sp.top_up_to,
+                                    spec.many_shot_threshold, spec.few_shot_threshold)
+    refs = synthesis.reference_images(train, spec.classes, sorted(plan), sp.references_per_class, sp.seed, spec.name)
+    row = {p: i for i, p in enumerate(train.paths)}
+    supports = [SupportSet(spec.name, "train", c, sp.references_per_class, chunk, tuple(row[p] for p in refs[c]))
+                for chunk, classes in enumerate(synthesis.contrast_sets(spec.classes, plan, sp.contrast_size))
+                for c in classes]
+    return supports, plan
+
+
+def stage_synthesize(run: Run) -> None:
+    """Generate the planned images of every synthesis method through the few-shot manifest and worker
+    (resumable, shared by any number of processes through claim files)."""
+    sp = run.p.synthesis
+    if not sp.methods:  # an empty manifest: the stage's outputs exist, training adds nothing
+        fewshot_synthesis.write_manifest([], run.manifest_path)
+        (run.dir / "synthetic").mkdir(parents=True, exist_ok=True)
+        log.info("%s: no synthesis methods", run.spec.name)
+        return
+    supports, plan = synthesis_supports(run)
+    settings = {"cache_dir": str(run.dir / "generation-cache"), "work_dir": str(run.dir / "generation-runs"),
+                **sp.settings}
+
+    def resolved(name: str) -> tuple[str, dict]:
+        return fewshot_synthesis.resolve_variant(name, sp.variants, settings)
+
+    def identity(name: str) -> dict:
+        method, s = resolved(name)
+        return fewshot_synthesis.generation_identity(method, s) if method in fewshot_synthesis.PIPELINE_METHODS \
+            else {"method": name}
+
+    train_paths = run.splits["train"].paths
+    rows = fewshot_synthesis.build_manifest(
+        supports, sp.methods, lambda s: plan[s.class_name], run.dir / "synthetic",
+        ref_paths=lambda s: [Path(train_paths[i]) for i in s.rows],
+        prompt_for=lambda c: sp.prompt_template.format(run.spec.display_name(c)), seed=sp.seed,
+        identity=identity, refs_needed=lambda name: fewshot_synthesis.min_refs(resolved(name)[0]))
+    fewshot_synthesis.write_manifest(rows, run.manifest_path)
+    report = fewshot_synthesis.run_manifest(rows, resolve=lambda name: fewshot_synthesis.get_generator(*resolved(name)),
+                                            progress=run.p.progress, board=ClaimBoard(run.dir / "synthesis-claims"))
+    log.info("%s: %d classes planned (%d images each method), %d images made, %d already there", run.spec.name,
+             len(plan), sum(plan.values()), report.made, report.skipped)
 
 
 def _train_one(run: Run, out: Path, paths, labels, loss: str, tau: float, seed: int) -> dict[str, np.ndarray]:
@@ -219,11 +292,18 @@ def stage_report(run: Run) -> None:
         "The interval resamples only the training seed (each seed a classifier trained from scratch); the test set is fixed.",
         "Losses: `ce` = cross-entropy; `logit-adjusted` = Menon et al. 2021 (tau = 1 is Balanced Softmax), tau chosen on "
         "the validation split (hparams.json)."]
+    sp = run.p.synthesis
+    if sp.methods:
+        amount = f"{sp.images_per_class} generated images each" if sp.images_per_class is not None \
+            else f"generated images up to {sp.top_up_to} in all"
+        notes.append(f"Generated images ({', '.join(f'`{m}`' for m in sp.methods)}): the {' + '.join(sp.groups)}-shot classes get "
+                     f"{amount}, from up to {sp.references_per_class} references drawn from the class's own training images; "
+                     f"classes are generated in contrast sets of up to {sp.contrast_size} (SeedSelect's contrastive loss).")
     reports.write_report(rows, class_rows, run.results, run.spec.many_shot_threshold, run.spec.few_shot_threshold,
                          methods=run.p.methods, notes=notes)
 
 
-STAGE_FUNCS = {"data": stage_data, "train": stage_train, "evaluate": stage_evaluate, "report": stage_report}
+STAGE_FUNCS = {"data": stage_data, "synthesize": stage_synthesize, "train": stage_train, "evaluate": stage_evaluate, "report": stage_report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,10 +1,20 @@
 """Which classes get extra (synthetic) images, how many, and where training finds them.
 
-The generation itself is the few-shot synthesis machinery (``benchmarks/fewshot/synthesis.py``);
-this module holds only the long-tail rules, so that any producer of images can feed
-:func:`benchmarks.longtail.training.training_items` through a mapping ``class -> image paths``."""
+The generation itself is the few-shot synthesis machinery (``benchmarks/fewshot/synthesis.py``:
+manifest, resumable claim-sharing worker, pipelines); this module holds only the long-tail rules
+(:func:`synthesis_plan`, :func:`reference_images`, :func:`contrast_sets`), so that any producer of
+images can feed :func:`benchmarks.longtail.training.training_items` through a mapping
+``class -> image paths``.
+
+A long-tail *contrast set* is a chunk of ``contrast_size`` planned classes (in label order), given to
+one generator call as the few-shot stages give the classes of a (shot, trial): SeedSelect and
+NAO-SeedSelect then optimise those classes together under the contrastive loss. All planned classes
+in one call would be one batch of (classes x images) seeds: several hundred ImageNet-LT classes do
+not fit one accelerator, and the contrastive loss needs only enough negatives, so the chunk size is
+a setting (20 by default)."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -13,6 +23,33 @@ from benchmarks.fewshot.sampling import key_rng
 from benchmarks.longtail.data import IMAGE_SUFFIXES, Split
 from benchmarks.longtail.evaluation import GROUPS, shot_group
 from benchmarks.longtail.registry import FEW_SHOT_THRESHOLD, MANY_SHOT_THRESHOLD
+
+
+@dataclass
+class SynthesisParams:
+    """The ``synthesis`` sub-section of :class:`benchmarks.longtail.stages.LongTailParams`."""
+    methods: list[str] = field(default_factory=list)        # pipeline methods or variants; [] = no synthesis
+    variants: dict[str, dict] = field(default_factory=dict)  # name: {method: <pipeline method>, <setting>: value}
+    groups: list[str] = field(default_factory=lambda: ["medium", "few"])  # shot groups that get images
+    images_per_class: int | None = 20                       # M per class, or
+    top_up_to: int | None = None                            # enough to reach this many (real + generated)
+    references_per_class: int = 5                           # drawn from the class's training images only
+    contrast_size: int = 20                                 # classes per generator call (see the module docstring)
+    prompt_template: str = "{}"                             # of the class's display name; methods add theirs
+    settings: dict = field(default_factory=dict)            # benchmarks.fewshot.synthesis.pipeline_generator's
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.contrast_size < 1:
+            raise ValueError(f"synthesis.contrast_size must be >= 1, got {self.contrast_size}")
+        if self.references_per_class < 1:
+            raise ValueError(f"synthesis.references_per_class must be >= 1, got {self.references_per_class}")
+
+
+def contrast_sets(classes: Sequence[str], planned: Mapping[str, int], size: int) -> list[list[str]]:
+    """The planned classes in label order (``classes``), in chunks of ``size``."""
+    chosen = [c for c in classes if c in planned]
+    return [chosen[i:i + size] for i in range(0, len(chosen), size)]
 
 
 def synthesis_plan(train_counts: Mapping[str, int], groups: Sequence[str] = ("medium", "few"),

