@@ -296,3 +296,13 @@ def read_record(path: str | os.PathLike, files: Mapping[str, str | os.PathLike] 
             discard(path, f"it vouches for the damaged {companion.name}", what)
             return None
     return record
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """Save a matplotlib figure as PNG atomically, then close it (report plots)."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    plt.close(fig)
+    return Path(path)

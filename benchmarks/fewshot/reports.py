@@ -15,7 +15,7 @@ from typing import Iterable
 
 from PIL import Image
 
-from pipelines.io import atomic_path, save_image, write_json, write_text
+from pipelines.io import save_figure, save_image, write_json, write_text
 
 ROW_FIELDS = ["benchmark", "method", "head", "shot", "mean", "ci95", "gain", "gain_ci95", "episodes", "replicates",
               "trials", "resamples"]
@@ -116,10 +116,7 @@ def plot_accuracy_vs_shots(rows: list[dict], path: str | Path, title: str = "") 
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def image_grid(paths: Iterable[str | Path], columns: int = 8, cell: int = 96) -> Image.Image:

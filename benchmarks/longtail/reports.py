@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.longtail.evaluation import METRICS
-from pipelines.io import atomic_path, write_json, write_text
+from pipelines.io import save_figure, write_json, write_text
 
 ROW_FIELDS = ["benchmark", "method", "loss", "metric", "mean", "ci95", "seeds", "values"]
 CLASS_FIELDS = ["benchmark", "method", "loss", "class_name", "train_images", "group", "accuracy"]
@@ -120,10 +120,7 @@ def plot_per_class(class_rows: list[dict], path: str | Path, many_threshold: int
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def write_report(rows: list[dict], class_rows: list[dict], out_dir: str | Path, many_threshold: int,
