@@ -121,3 +121,20 @@ def test_generator_lookup(tmp_path):
         get_generator("seed-select")
     with pytest.raises(ValueError, match="reserved"):
         register_generator("real-only", augment_generator)
+
+
+def test_settings_chosen_on_validation_classes_override_the_method_settings(tmp_path):
+    from benchmarks.fewshot.synthesis import Generation, apply_selection
+
+    settings = {"preset": "fast", "methods": {"seedselect": {"guidance_scale": 1.0, "iterations": 3}}}
+    selection = tmp_path / "selection.json"
+    selection.write_text('{"chosen": {"seedselect": {"guidance_scale": 7.5, "lr_after": 0.1}}}')
+    chosen = apply_selection(settings, selection)
+    assert chosen["methods"]["seedselect"] == {"guidance_scale": 7.5, "iterations": 3, "lr_after": 0.1}
+    assert apply_selection(settings, None) is settings
+    gen = Generation(chosen, {"seedselect-per-concept": {"method": "seedselect", "semantic_loss": "per_concept"}})
+    s = gen.identity("seedselect-per-concept")["settings"]   # a variant keeps the chosen values
+    assert (s["guidance_scale"], s["lr_after"], s["semantic_loss"]) == (7.5, 0.1, "per_concept")
+    assert gen.identity("seedselect")["settings"]["semantic_loss"] == "contrastive"
+    with pytest.raises(FileNotFoundError, match="run the stage that writes it"):
+        apply_selection(settings, tmp_path / "nope.json")

@@ -60,9 +60,10 @@ def ci95(values) -> tuple[float, float]:
 
 def _records(run: Run, variant: str) -> list[dict]:
     """The per-image JSON records of a variant's runs (matched by its resolved settings and models)."""
-    settings = {"cache_dir": str(run.dir / "generation-cache"), **run.p.synthesis.settings}
-    method, s = synthesis.resolve_variant(variant, run.p.synthesis.variants, settings)
-    ident = json.loads(json.dumps(synthesis.generation_identity(method, s)))   # tuples as the records hold them
+    settings = synthesis.apply_selection(dict(run.p.synthesis.settings), run.p.synthesis.selection)
+    gen = synthesis.Generation(settings, run.p.synthesis.variants)
+    method = gen.resolved(variant)[0]
+    ident = json.loads(json.dumps(gen.identity(variant)))   # tuples as the records hold them
     out = []
     for path in sorted((run.dir / "generation-runs").glob(f"{method}-*/*/{method}-*-[0-9][0-9][0-9][0-9][0-9].json")):
         rec = json.loads(path.read_text())

@@ -67,6 +67,9 @@ class SynthesisParams:
     # extra methods: a pipeline method with overrides, e.g. {seedselect-per-concept: {method: seedselect,
     # semantic_loss: per_concept}}; list their names in `methods` to synthesise and evaluate them
     variants: dict[str, dict] = field(default_factory=dict)
+    # settings chosen on validation classes by another stage ({"chosen": {method: {setting: value}}}),
+    # applied on top of settings.methods, e.g. results/mini/selection.json; null: none
+    selection: str | None = None
     splits: list[str] = field(default_factory=lambda: ["test"])  # add "val" to select hyper-parameters with synthetic data
     grid_images: int = 16
 
@@ -179,24 +182,18 @@ def stage_synthesize(run: Run) -> None:
     data.export_images(run.ds, sorted({r for s in supports for r in s.rows}), refs_dir)
     settings = {"cache_dir": str(run.dir / "generation-cache"), "work_dir": str(run.dir / "generation-runs"),
                 **run.p.synthesis.settings}
+    settings = synthesis.apply_selection(settings, run.p.synthesis.selection)
     settings = synthesis.bind_class_labels(settings, sorted({run.spec.display_name(s.class_name) for s in supports}),
                                            run.dir / "class-labels.txt")
-
-    def resolved(name: str) -> tuple[str, dict]:
-        return synthesis.resolve_variant(name, run.p.synthesis.variants, settings)
-
-    def identity(name: str) -> dict:
-        method, s = resolved(name)
-        return synthesis.generation_identity(method, s) if method in synthesis.PIPELINE_METHODS else {"method": name}
-
+    gen = synthesis.Generation(settings, run.p.synthesis.variants)
     rows = synthesis.build_manifest(
         supports, run.p.methods, run.p.synthesis.images_per_support, run.dir / "synthetic",
         ref_paths=lambda s: [refs_dir / f"{r:07d}.png" for r in s.rows], prompt_for=run.prompt, seed=run.p.seed,
-        identity=identity, refs_needed=lambda name: synthesis.min_refs(resolved(name)[0]))
+        identity=gen.identity, refs_needed=gen.refs_needed)
     synthesis.write_manifest(rows, run.dir / "synthesis.csv")
     # claims let any number of processes (accelerate launch, torchrun, Slurm tasks) share the manifest
-    report = synthesis.run_manifest(rows, resolve=lambda name: synthesis.get_generator(*resolved(name)),
-                                    progress=run.p.progress, board=ClaimBoard(run.dir / "synthesis-claims"))
+    report = synthesis.run_manifest(rows, resolve=gen.generator, progress=run.p.progress,
+                                    board=ClaimBoard(run.dir / "synthesis-claims"))
     log.info("%s: %d images made, %d already there", run.spec.name, report.made, report.skipped)
     run.save_config("synthesize")
 

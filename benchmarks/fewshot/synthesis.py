@@ -191,6 +191,43 @@ def bind_class_labels(settings: dict, names: list[str], path: str | Path) -> dic
     return {**settings, "methods": bound}
 
 
+def apply_selection(settings: dict, path: str | Path | None) -> dict:
+    """``settings`` with the values a selection stage chose on validation classes (``{"chosen": {method:
+    {setting: value}}}``, e.g. ``results/mini/selection.json``) set on each method; None: unchanged."""
+    if not path:
+        return settings
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"settings selection {path} not found (run the stage that writes it first)")
+    chosen = json.loads(path.read_text()).get("chosen") or {}
+    methods = dict(settings.get("methods") or {})
+    for method, values in chosen.items():
+        methods[method] = {**(methods.get(method) or {}), **values}
+    return {**settings, "methods": methods}
+
+
+@dataclass
+class Generation:
+    """How a stage's method names (pipeline methods, variants, registered generators) become generators,
+    the identities hashed into image names, and the references each needs: one place for the few-shot
+    and long-tail synthesize stages."""
+    settings: dict
+    variants: dict
+
+    def resolved(self, name: str) -> tuple[str, dict]:
+        return resolve_variant(name, self.variants, self.settings)
+
+    def identity(self, name: str) -> dict:
+        method, s = self.resolved(name)
+        return generation_identity(method, s) if method in PIPELINE_METHODS else {"method": name}
+
+    def refs_needed(self, name: str) -> int:
+        return min_refs(self.resolved(name)[0])
+
+    def generator(self, name: str) -> Generator:
+        return get_generator(*self.resolved(name))
+
+
 def min_refs(method: str) -> int:
     """Reference images a method needs (NAO-SeedSelect interpolates between >= 2 seeds)."""
     if method in PIPELINE_METHODS:

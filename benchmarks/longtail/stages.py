@@ -169,24 +169,16 @@ def stage_synthesize(run: Run) -> None:
     supports, plan = synthesis_supports(run)
     settings = {"cache_dir": str(run.dir / "generation-cache"), "work_dir": str(run.dir / "generation-runs"),
                 **sp.settings}
-
-    def resolved(name: str) -> tuple[str, dict]:
-        return fewshot_synthesis.resolve_variant(name, sp.variants, settings)
-
-    def identity(name: str) -> dict:
-        method, s = resolved(name)
-        return fewshot_synthesis.generation_identity(method, s) if method in fewshot_synthesis.PIPELINE_METHODS \
-            else {"method": name}
-
+    gen = fewshot_synthesis.Generation(fewshot_synthesis.apply_selection(settings, sp.selection), sp.variants)
     train_paths = run.splits["train"].paths
     rows = fewshot_synthesis.build_manifest(
         supports, sp.methods, lambda s: plan[s.class_name], run.dir / "synthetic",
         ref_paths=lambda s: [Path(train_paths[i]) for i in s.rows],
         prompt_for=lambda c: sp.prompt_template.format(run.spec.display_name(c)), seed=sp.seed,
-        identity=identity, refs_needed=lambda name: fewshot_synthesis.min_refs(resolved(name)[0]))
+        identity=gen.identity, refs_needed=gen.refs_needed)
     fewshot_synthesis.write_manifest(rows, run.manifest_path)
-    report = fewshot_synthesis.run_manifest(rows, resolve=lambda name: fewshot_synthesis.get_generator(*resolved(name)),
-                                            progress=run.p.progress, board=ClaimBoard(run.dir / "synthesis-claims"))
+    report = fewshot_synthesis.run_manifest(rows, resolve=gen.generator, progress=run.p.progress,
+                                            board=ClaimBoard(run.dir / "synthesis-claims"))
     log.info("%s: %d classes planned (%d images each method), %d images made, %d already there", run.spec.name,
              len(plan), sum(plan.values()), report.made, report.skipped)
 

@@ -37,6 +37,7 @@ class SynthesisParams:
     contrast_size: int = 20                                 # classes per generator call (see the module docstring)
     prompt_template: str = "{}"                             # of the class's display name; methods add theirs
     settings: dict = field(default_factory=dict)            # benchmarks.fewshot.synthesis.pipeline_generator's
+    selection: str | None = None                            # settings chosen on validation classes (as few-shot)
     seed: int = 0
 
     def __post_init__(self):
