@@ -21,7 +21,7 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--groups", type=int, default=8, help="contrast sets (one generator call each)")
+    parser.add_argument("--groups", type=int, default=24, help="contrast sets (one generator call each)")
     parser.add_argument("--classes", type=int, default=3)
     parser.add_argument("--images", type=int, default=4, help="images per class and group")
     parser.add_argument("--iterations", type=int, default=6)
