@@ -259,6 +259,13 @@ def test_gpu_profiles_parse_into_the_typed_params():
         assert set(p.losses) == set(training.LOSSES)
         dvc = yaml.safe_load((repo / "profiles" / name / "dvc.yaml").read_text())
         assert all(f"profiles/{name}/params.yaml" in st["cmd"] for st in dvc["stages"].values())
+        # the rare classes get images from all four methods, and training reads them
+        assert set(p.synthesis.methods) == {"sd", "seedselect", "nao-seedselect", "dct"}
+        assert p.synthesis.groups == ["medium", "few"] and p.synthesis.settings["preset"] == "fast"
+        assert p.synthesis.settings["methods"]["dct"]["classifier_labels"] == "benchmark-classes"
+        synthetic = f"data/longtail/{name}/synthetic"
+        assert any(synthetic in out for out in dvc["stages"]["longtail_synthesize"]["outs"])
+        assert synthetic in dvc["stages"]["longtail_train"]["deps"]
     with pytest.raises(ValueError, match="at least 3 distinct"):
         stages.LongTailParams(seeds=[0, 1])
     with pytest.raises(KeyError, match="did you mean 'logit-adjusted'"):

@@ -46,10 +46,8 @@ class RecipeParams:
     rows: dict[str, str] = field(default_factory=lambda: {
         "SeedSelect, contrastive + bootstrap": "seedselect",
         "SeedSelect, per-concept + bootstrap": "seedselect-per-concept",
-        "SeedSelect, contrastive": "seedselect-no-bootstrap",
         "SeedSelect, per-concept (the authors')": "seedselect-per-concept-no-bootstrap",
-        "NAO-SeedSelect, contrastive": "nao-seedselect",
-        "NAO-SeedSelect, per-concept (the authors')": "nao-seedselect-per-concept"})
+        "NAO-SeedSelect, contrastive": "nao-seedselect"})
 
 
 def ci95(values) -> tuple[float, float]:

@@ -37,6 +37,7 @@ from benchmarks.fewshot.registry import UnknownNameError, unknown_error
 from benchmarks.fewshot.sampling import SupportSet
 from benchmarks.longtail import data, evaluation, reports, synthesis, training
 from benchmarks.longtail.registry import SPLITS, LongTailSpec, get_benchmark, with_train_list
+from benchmarks.mini.common import set_threads
 from benchmarks.params import load_section
 from benchmarks.worksharing import ClaimBoard
 from pipelines.io import atomic_path, load_whole, save_tensors, write_json
@@ -63,6 +64,8 @@ class LongTailParams:
     synthesis: synthesis.SynthesisParams = field(default_factory=synthesis.SynthesisParams)
     train: training.TrainConfig = field(default_factory=training.TrainConfig)
     progress: bool = True
+    launcher: str = ""                 # the synthesize stage's command prefix in dvc.yaml (e.g. accelerate launch ...)
+    threads: int = 0                   # torch CPU threads; fixed (> 0): results do not depend on the machine's cores
 
     def __post_init__(self):
         for loss in self.losses:
@@ -169,7 +172,11 @@ def stage_synthesize(run: Run) -> None:
     supports, plan = synthesis_supports(run)
     settings = {"cache_dir": str(run.dir / "generation-cache"), "work_dir": str(run.dir / "generation-runs"),
                 **sp.settings}
-    gen = fewshot_synthesis.Generation(fewshot_synthesis.apply_selection(settings, sp.selection), sp.variants)
+    settings = fewshot_synthesis.apply_selection(settings, sp.selection)
+    # a zero-shot DCT guide (classifier_labels: benchmark-classes) tells each class from all the benchmark's classes
+    settings = fewshot_synthesis.bind_class_labels(settings, [run.spec.display_name(c) for c in run.spec.classes],
+                                                   run.dir / "class-labels.txt")
+    gen = fewshot_synthesis.Generation(settings, sp.variants)
     train_paths = run.splits["train"].paths
     rows = fewshot_synthesis.build_manifest(
         supports, sp.methods, lambda s: plan[s.class_name], run.dir / "synthetic",
@@ -309,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
         p = load_section(LongTailParams, args.section, args.params)
+        set_threads(p.threads)
         for name in args.benchmark or p.benchmarks:
             run = Run(p, name)
             for stage in STAGES if args.stage == "all" else (args.stage,):
