@@ -344,7 +344,7 @@ def guide_classifier(s: DctSettings, device) -> ImageClassifier:
 
 
 register_method(Method(
-    "dct", DctPipeline, DctSettings, min_refs=0, needs_image_encoder=False,
+    "dct", DctPipeline, DctSettings,
     aliases=("DCT", "discriminative-class-tokens"), description="classifier-guided class token",
     presets={"reference": {"dtype": "fp32", "batch_size": 1},
              "fast": {"dtype": "auto-bf16", "batch_size": 8}}))

@@ -32,7 +32,7 @@ from .base import ImageResult
 from .loading import DEFAULT_IMAGE_ENCODER_ID, DEFAULT_MODEL_ID, Components, load_components, resolve_dtype
 from .prompts import format_prompt
 from .references import ReferenceImage, load_reference_images
-from .io import load_tensors, make_dirs, read_record, save_image, save_tensors, write_bytes, write_record
+from .io import load_tensors, read_record, save_image, save_tensors, write_bytes, write_record
 from .registry import get_method
 
 log = logging.getLogger(__name__)

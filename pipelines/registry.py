@@ -19,10 +19,17 @@ class Method:
     pipeline_cls: type
     settings_cls: type
     presets: dict[str, dict] = field(default_factory=dict)   # preset -> settings overrides
-    min_refs: int = 1                    # 0: references optional (only shown on the contact sheet)
-    needs_image_encoder: bool = True
     aliases: tuple[str, ...] = ()
     description: str = ""
+
+    @property
+    def min_refs(self) -> int:
+        """References a concept needs (0: optional, only shown on the contact sheet): the pipeline's own."""
+        return self.pipeline_cls.min_references
+
+    @property
+    def needs_image_encoder(self) -> bool:
+        return self.pipeline_cls.needs_image_encoder
 
     def settings(self, preset: str = "reference", device: str = "cpu", **overrides):
         """Settings of ``preset`` with ``overrides``; a preset's dtype ``"auto-bf16"`` means bf16 on CUDA."""
@@ -79,18 +86,18 @@ def _register_builtins() -> None:
     from .stable_diffusion import StableDiffusionSamplingPipeline, StableDiffusionSettings
 
     register_method(Method(
-        "sd", StableDiffusionSamplingPipeline, StableDiffusionSettings, min_refs=0,
-        needs_image_encoder=False, aliases=("StableDiffusion",), description="plain text-to-image baseline",
+        "sd", StableDiffusionSamplingPipeline, StableDiffusionSettings,
+        aliases=("StableDiffusion",), description="plain text-to-image baseline",
         presets={"reference": {"dtype": "fp32", "batch_size": 1},
                  "fast": {"dtype": "auto-bf16", "batch_size": 8}}))
     register_method(Method(
-        "seedselect", SeedSelectPipeline, SeedSelectSettings, min_refs=1,
+        "seedselect", SeedSelectPipeline, SeedSelectSettings,
         aliases=("SeedSelect",), description="seed optimisation against reference images",
         presets={"reference": {"dtype": "fp32"},
                  # one full run for z*, then bootstrap-resampled short runs, 4 seeds per batch
                  "fast": {"dtype": "auto-bf16", "batch_size": 4, "bootstrap": True, "bootstrap_iterations": 5}}))
     register_method(Method(
-        "nao-seedselect", NaoSeedSelectPipeline, NaoSeedSelectSettings, min_refs=2,
+        "nao-seedselect", NaoSeedSelectPipeline, NaoSeedSelectSettings,
         aliases=("NAO_SeedSelect", "nao_seedselect"), description="short SeedSelect runs from NAO path points",
         presets={"reference": {"dtype": "fp32"},
                  "fast": {"dtype": "auto-bf16", "batch_size": 8, "nao_solver": "default"}}))
