@@ -17,12 +17,12 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from benchmarks import distributed
 from benchmarks.fewshot.registry import unknown_error
 from pipelines.io import load_tensors, save_tensors
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 
 def create_backbone(name: str, pretrained: bool = False, checkpoint: str | Path | None = None) -> torch.nn.Module:
@@ -91,32 +91,37 @@ def train_backbone(model: torch.nn.Module, images: Callable[[int], Image.Image],
     """Supervised training on the base classes (cross-entropy over a linear classifier that is
     discarded afterwards), SGD with momentum and a cosine schedule. ``images(row)`` returns a PIL image.
 
-    Shuffling comes from a generator seeded by ``cfg.seed``; augmentation draws from the torch RNG of
-    the process or DataLoader worker, which torch seeds from that generator, so a run is
-    reproducible for a given ``num_workers``."""
-    gen = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)  # initialisation of the classifier, augmentation when num_workers == 0
+    The order of each epoch and the augmentation of each sample are keyed by ``cfg.seed`` (and epoch,
+    sample), so a run is reproducible whatever ``num_workers``, and under a launcher's several
+    processes it takes the steps of one process (:mod:`benchmarks.distributed`)."""
+    torch.manual_seed(cfg.seed)  # initialisation of the classifier
     classes = sorted(set(int(y) for y in labels))
     remap = {c: i for i, c in enumerate(classes)}
     targets = torch.tensor([remap[int(y)] for y in labels])
+    batches = distributed.GlobalBatches(len(rows), cfg.batch_size, cfg.seed)
+    dataset = ImageRows(images, [int(r) for r in rows], image_transform(image_size, augment=True), targets)
     loader = torch.utils.data.DataLoader(
-        ImageRows(images, [int(r) for r in rows], image_transform(image_size, augment=True), targets),
-        batch_size=cfg.batch_size, shuffle=True, generator=gen, num_workers=num_workers,
-        persistent_workers=num_workers > 0, pin_memory=device.startswith("cuda"))
+        distributed.KeyedRows(dataset, cfg.seed), batch_sampler=batches, collate_fn=distributed.collate,
+        num_workers=num_workers, persistent_workers=num_workers > 0, pin_memory=device.startswith("cuda"))
     classifier = torch.nn.Linear(model.num_features, len(classes))
-    model.to(device).train()
+    model = distributed.global_batch_norm(model.to(device).train())
     classifier.to(device)
     params = list(model.parameters()) + list(classifier.parameters())
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs * len(loader))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs * len(batches))
     bar = tqdm(range(cfg.epochs), desc=f"base training {type(model).__name__}", disable=not progress)
     for epoch in bar:
-        for b, (x, y) in enumerate(loader):
-            loss = F.cross_entropy(classifier(model(x.to(device))), y.to(device))
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"base training: loss is {loss.item()} at epoch {epoch}, batch {b}; lower the lr")
+        batches.set_epoch(epoch)
+        for b, batch in enumerate(loader):
+            x, y = batch if batch is not None else (torch.zeros(0, 3, image_size, image_size), torch.zeros(0, dtype=torch.long))
+            logits = classifier(model(x.to(device)))
+            share = len(y) / batches.global_size(b)   # this slice's part of the global batch's mean
+            loss = F.cross_entropy(logits, y.to(device)) * share if len(y) else logits.sum() * 0
             opt.zero_grad()
             loss.backward()
+            loss = distributed.sum_gradients(params, loss)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"base training: loss is {loss.item()} at epoch {epoch}, batch {b}; lower the lr")
             opt.step()
             sched.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -135,17 +140,18 @@ def file_digest(path: str | Path, n: int = 12) -> str:
 def extract_features(model: torch.nn.Module, images: Callable[[int], Image.Image], count: int, image_size: int,
                      batch_size: int = 256, device: str = "cpu", desc: str = "features", num_workers: int = 0,
                      progress: bool = True) -> torch.Tensor:
-    """(count, D) float32 features of ``images(0..count-1)``."""
+    """(count, D) float32 features of ``images(0..count-1)``; under several processes each extracts a
+    contiguous part and every process returns all of them in row order."""
     model.to(device).eval()
-    loader = torch.utils.data.DataLoader(ImageRows(images, range(count), image_transform(image_size)),
+    loader = torch.utils.data.DataLoader(ImageRows(images, distributed.shard(count), image_transform(image_size)),
                                          batch_size=batch_size, num_workers=num_workers)
     out = [model(x.to(device)).float().cpu() for x in tqdm(loader, desc=desc, disable=not progress)]
-    return torch.cat(out) if out else torch.zeros(0, model.num_features)
+    return distributed.gather_rows(torch.cat(out) if out else torch.zeros(0, model.num_features))
 
 
 def cached_features(path: str | Path, keys: list[str], compute: Callable[[], torch.Tensor]) -> torch.Tensor:
     """Features of ``keys`` (row ids or image paths) from ``path`` if it holds exactly those keys,
-    else computed by ``compute()`` and saved there atomically."""
+    else computed by ``compute()`` (by every process of a launcher) and saved there atomically by the first."""
     path = Path(path)
     digest = hashlib.sha256("\n".join(keys).encode()).hexdigest()
     cached = load_tensors(path, "features")
@@ -154,5 +160,7 @@ def cached_features(path: str | Path, keys: list[str], compute: Callable[[], tor
     feats = compute()
     if feats.shape[0] != len(keys):
         raise ValueError(f"{path}: computed {feats.shape[0]} features for {len(keys)} keys")
-    save_tensors(path, {"features": feats}, metadata={"keys_sha256": digest, "count": str(len(keys))})
+    if distributed.is_main():
+        save_tensors(path, {"features": feats}, metadata={"keys_sha256": digest, "count": str(len(keys))})
+    distributed.barrier()
     return feats

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks import distributed
 from benchmarks.fewshot import backbones as bb
 from benchmarks.fewshot import classifiers as clf
 from benchmarks.fewshot import data, reports, sampling, stats, synthesis
@@ -107,8 +108,9 @@ class FewShotParams:
     combined_table: str = "results/fewshot.md"
     progress: bool = True
     threads: int = 0                  # torch CPU threads; fixed (> 0), results do not depend on the machine's cores
-    # prefix of the synthesize stage's command in dvc.yaml, e.g. "accelerate launch --multi_gpu
-    # --num_processes 8 --no_python" (processes share the manifest through claim files)
+    # prefix of the synthesize and features stages' commands in dvc.yaml, e.g. "accelerate launch --multi_gpu
+    # --num_processes 8 --no_python" (synthesis shares the manifest through claim files; backbone
+    # training and feature extraction run data-parallel, benchmarks/distributed.py)
     launcher: str = ""
 
     @property
@@ -151,8 +153,9 @@ class Run:
         return self.p.synthesis.prompt_template.format(self.spec.display_name(class_name))
 
     def save_config(self, stage: str) -> None:
-        write_json(self.dir / "config" / f"{stage}.json",
-                   {"stage": stage, "params": dataclasses.asdict(self.p), "spec": self.spec.to_json()})
+        if distributed.is_main():
+            write_json(self.dir / "config" / f"{stage}.json",
+                       {"stage": stage, "params": dataclasses.asdict(self.p), "spec": self.spec.to_json()})
 
 
 # --- stages --------------------------------------------------------------------------------------
@@ -219,8 +222,10 @@ def _backbone(run: Run, replicate: int = 0) -> tuple[torch.nn.Module, str]:
         torch.manual_seed(cfg.seed)  # the initialisation: train_backbone seeds only what comes after it
         model = bb.train_backbone(bb.create_backbone(b.name), run.image, train, labels, run.image_size, cfg,
                                   device=run.device, num_workers=b.num_workers, progress=run.p.progress)
-        bb.save_backbone(model.cpu(), path, recipe)
-        write_json(path.with_suffix(".json"), recipe)
+        if distributed.is_main():   # every process holds the same model; one writes it
+            bb.save_backbone(model.cpu(), path, recipe)
+            write_json(path.with_suffix(".json"), recipe)
+        distributed.barrier()
     return bb.create_backbone(b.name, checkpoint=path), path.stem + f"-{run.image_size}px"
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import distributed
 from benchmarks.fewshot import synthesis as fewshot_synthesis
 from benchmarks.fewshot.registry import UnknownNameError, unknown_error
 from benchmarks.fewshot.sampling import SupportSet
@@ -64,7 +65,9 @@ class LongTailParams:
     synthesis: synthesis.SynthesisParams = field(default_factory=synthesis.SynthesisParams)
     train: training.TrainConfig = field(default_factory=training.TrainConfig)
     progress: bool = True
-    launcher: str = ""                 # the synthesize stage's command prefix in dvc.yaml (e.g. accelerate launch ...)
+    # the synthesize and train stages' command prefix in dvc.yaml (e.g. accelerate launch ...): synthesis
+    # shares its manifest through claim files, each classifier trains data-parallel (benchmarks/distributed.py)
+    launcher: str = ""
     threads: int = 0                   # torch CPU threads; fixed (> 0): results do not depend on the machine's cores
 
     def __post_init__(self):
@@ -198,9 +201,12 @@ def _train_one(run: Run, out: Path, paths, labels, loss: str, tau: float, seed: 
         cfg = run.p.train
         model = training.train_classifier(paths, labels, len(run.spec.classes), cfg, loss, seed, tau,
                                           state_path=out / f"seed{seed}" / "state.pt", progress=run.p.progress)
+        preds = {s: training.predict(model, run.splits[s].paths, cfg, run.p.progress) for s in ("val", "test")}
+        if not distributed.is_main():   # every process holds the same model and predictions; the first writes
+            distributed.barrier()
+            return preds
         save_tensors(out / f"seed{seed}" / "model.safetensors", dict(model.state_dict()),
                      metadata={"model": cfg.model, "num_classes": str(len(run.spec.classes))})
-        preds = {s: training.predict(model, run.splits[s].paths, cfg, run.p.progress) for s in ("val", "test")}
         write_json(out / f"seed{seed}" / "config.json",
                    {"benchmark": run.spec.name, "loss": loss, "tau": tau, "seed": seed, "train": dataclasses.asdict(cfg),
                     "train_images": len(paths), "real_train_images": len(run.splits["train"].paths)})
@@ -208,6 +214,7 @@ def _train_one(run: Run, out: Path, paths, labels, loss: str, tau: float, seed: 
             with open(tmp, "wb") as f:
                 np.savez(f, **preds)
         (out / f"seed{seed}" / "state.pt").unlink(missing_ok=True)  # the finished model replaces the resume point
+        distributed.barrier()
     return preds
 
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from benchmarks import distributed
 from benchmarks.fewshot.backbones import IMAGENET_MEAN, IMAGENET_STD
 from benchmarks.fewshot.registry import unknown_error
 from pipelines.io import atomic_path, load_whole
@@ -162,21 +163,23 @@ def train_classifier(paths: Sequence[str], labels: np.ndarray, num_classes: int,
     """Train ``cfg.model`` from its initialisation under ``seed`` on (paths, labels) with ``loss``
     (the logit adjustment uses the label counts of exactly these images, extra images included).
 
-    Initialisation, shuffling and augmentation all derive from ``seed`` (augmentation in DataLoader
-    workers is seeded by torch from the shuffling generator), so a run is reproducible for a given
-    ``num_workers``. With ``state_path`` the state after each epoch is saved there and a rerun resumes."""
+    Initialisation, the order of each epoch and the augmentation of each sample all derive from
+    ``seed`` (order and augmentation keyed by epoch and sample), so a run is reproducible whatever
+    ``num_workers``, and under a launcher's several processes it takes the steps of one process
+    (:mod:`benchmarks.distributed`; only the first process writes the resume point). With ``state_path``
+    the state after each epoch is saved there and a rerun resumes."""
     device = cfg.resolved_device()
     counts = torch.as_tensor(np.bincount(labels, minlength=num_classes))
     criterion = loss_fn(loss, counts, tau)
     torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    model = create_model(cfg, num_classes).to(device)
+    model = distributed.global_batch_norm(create_model(cfg, num_classes).to(device))
+    batches = distributed.GlobalBatches(len(paths), cfg.batch_size, seed, drop_last=len(paths) > cfg.batch_size)
     loader = torch.utils.data.DataLoader(
-        ImageFiles(paths, labels, transforms(cfg, train=True)), batch_size=cfg.batch_size, shuffle=True,
-        generator=gen, num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
-        pin_memory=device.startswith("cuda"), drop_last=len(paths) > cfg.batch_size)
+        distributed.KeyedRows(ImageFiles(paths, labels, transforms(cfg, train=True)), seed), batch_sampler=batches,
+        collate_fn=distributed.collate, num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
+        pin_memory=device.startswith("cuda"))
     opt = torch.optim.SGD(_param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    sched = _schedule(opt, cfg, len(loader))
+    sched = _schedule(opt, cfg, len(batches))
     start = 0
     state = load_whole(state_path, lambda p: torch.load(p, map_location="cpu", weights_only=True), "resume point") \
         if state_path is not None else None
@@ -184,43 +187,49 @@ def train_classifier(paths: Sequence[str], labels: np.ndarray, num_classes: int,
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
         start = state["epoch"]
+    params = [p for group in opt.param_groups for p in group["params"]]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.startswith("cuda"))
     bar = tqdm(range(start, cfg.epochs), desc=f"{cfg.model} {loss} seed {seed}", disable=not progress,
                initial=start, total=cfg.epochs)
     for epoch in bar:
         model.train()
-        for b, (x, y) in enumerate(loader):
+        batches.set_epoch(epoch)
+        for b, batch in enumerate(loader):
+            x, y = batch if batch is not None else (torch.zeros(0, 3, cfg.image_size, cfg.image_size),
+                                                    torch.zeros(0, dtype=torch.long))
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast:
                 logits = model(x)
-            value = criterion(logits, y)
-            if not torch.isfinite(value):
-                raise FloatingPointError(f"{loss} loss is {value.item()} at epoch {epoch}, batch {b}; lower the lr")
+            share = len(y) / batches.global_size(b)   # this slice's part of the global batch's mean
+            value = criterion(logits, y) * share if len(y) else logits.float().sum() * 0
             opt.zero_grad(set_to_none=True)
             value.backward()
+            value = distributed.sum_gradients(params, value)
+            if not torch.isfinite(value):
+                raise FloatingPointError(f"{loss} loss is {value.item()} at epoch {epoch}, batch {b}; lower the lr")
             opt.step()
             sched.step()
         bar.set_postfix(loss=f"{value.item():.3f}")
-        if state_path is not None:
+        if state_path is not None and distributed.is_main():
             with atomic_path(state_path) as tmp:
                 torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                            "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "epoch": epoch + 1}, tmp)
+                            "epoch": epoch + 1}, tmp)
     return model.eval()
 
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, paths: Sequence[str], cfg: TrainConfig, progress: bool = True) -> np.ndarray:
-    """Top-1 class of every image (test-time Resize + CenterCrop, argmax of the plain logits)."""
+    """Top-1 class of every image (test-time Resize + CenterCrop, argmax of the plain logits); under
+    several processes each predicts a contiguous part and every process returns all, in order."""
     device = cfg.resolved_device()
     model.to(device).eval()
-    loader = torch.utils.data.DataLoader(ImageFiles(paths, np.zeros(len(paths), dtype=np.int64), transforms(cfg, train=False)),
+    part = [paths[i] for i in distributed.shard(len(paths))]
+    loader = torch.utils.data.DataLoader(ImageFiles(part, np.zeros(len(part), dtype=np.int64), transforms(cfg, train=False)),
                                          batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.startswith("cuda"))
     out = []
     for x, _ in tqdm(loader, desc="predicting", disable=not progress):
         with autocast:
             out.append(model(x.to(device)).argmax(-1).cpu())
-    return torch.cat(out).numpy().astype(np.int64) if out else np.zeros(0, dtype=np.int64)
+    return distributed.gather_rows(torch.cat(out) if out else torch.zeros(0, dtype=torch.long)).numpy().astype(np.int64)
