@@ -1,5 +1,5 @@
 """One run of feature extraction, backbone training and long-tail classifier training on tiny data, as
-``python tests/data_parallel_worker.py OUT NUM_WORKERS`` in one process or under a launcher (the data-parallel
+``python tests/data_parallel_worker.py OUT NUM_WORKERS EPOCHS`` in one process or under a launcher (the data-parallel
 rehearsal of tests/test_data_parallel.py). The first process saves what every process computed to OUT."""
 import sys
 from pathlib import Path
@@ -24,7 +24,7 @@ class DigitImages:
         return Image.fromarray((self.images[i] * 255 / 16).astype(np.uint8)).convert("RGB").resize((SIZE, SIZE))
 
 
-def main(out: Path, num_workers: int) -> None:
+def main(out: Path, num_workers: int, epochs: int) -> None:
     torch.set_num_threads(1)
     digits = load_digits()
     images, labels = DigitImages(digits.images[:ROWS]), [int(y) % 4 for y in digits.target[:ROWS]]
@@ -32,8 +32,10 @@ def main(out: Path, num_workers: int) -> None:
     model = bb.create_backbone("test_resnet")
     features = bb.extract_features(model, images, ROWS, SIZE, batch_size=7, num_workers=num_workers, progress=False)
     torch.manual_seed(1)
-    cfg = bb.TrainConfig(epochs=2, batch_size=11, lr=float(__import__("os").environ.get("LR", "0.05")), seed=1)
-    trained = bb.train_backbone(bb.create_backbone("test_resnet"), images, range(ROWS), labels, SIZE, cfg,
+    cfg = bb.TrainConfig(epochs=epochs, batch_size=11, lr=0.05, seed=1)
+    backbone = bb.create_backbone("test_resnet")
+    initial = {k: v.clone() for k, v in backbone.state_dict().items()}
+    trained = bb.train_backbone(backbone, images, range(ROWS), labels, SIZE, cfg,
                                 num_workers=num_workers, progress=False)
     trained_features = bb.extract_features(trained, images, ROWS, SIZE, batch_size=7, progress=False)
     folder = out.parent / "images"
@@ -50,10 +52,11 @@ def main(out: Path, num_workers: int) -> None:
     with torch.no_grad():
         logits = classifier(torch.stack([training.transforms(lt, train=False)(images(i)) for i in range(ROWS)]))
     if distributed.is_main():
-        torch.save({"features": features, "backbone": trained.state_dict(), "trained_features": trained_features,
+        torch.save({"features": features, "initial_backbone": initial, "backbone": trained.state_dict(),
+                    "trained_features": trained_features,
                     "classifier": classifier.state_dict(), "logits": logits, "predictions": predictions,
                     "world_size": distributed.world_size()}, out)
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), int(sys.argv[2]))
+    main(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
