@@ -1,6 +1,6 @@
 """Data parallelism for feature extraction and classifier training under a launcher that starts one
 process per device and sets ``WORLD_SIZE`` / ``RANK`` / ``LOCAL_RANK`` (``accelerate launch
---multi_gpu``, torchrun, Slurm through either). In a plain ``python`` process every helper is a no-op
+--multi_gpu``, torchrun) or Slurm's ``SLURM_PROCID`` etc. (``srun``). In a plain ``python`` process every helper is a no-op
 and torch.distributed is never initialised.
 
 Accelerate itself is not used here: under torchrun on a CPU-only machine its ``PartialState`` reports
@@ -22,12 +22,34 @@ import torch
 import torch.distributed as dist
 
 
+def _env(torch_name: str, slurm_name: str, default: str) -> int:
+    """A launcher variable: torchrun's (accelerate launch, torchrun) or, in the tasks of an ``srun`` step
+    (SLURM_STEP_NUM_TASKS is set only there, not in the batch script), Slurm's."""
+    if torch_name in os.environ or "SLURM_STEP_NUM_TASKS" not in os.environ:
+        return int(os.environ.get(torch_name, default))
+    return int(os.environ.get(slurm_name, default))
+
+
 def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return _env("WORLD_SIZE", "SLURM_STEP_NUM_TASKS", "1")
 
 
 def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
+    return _env("RANK", "SLURM_PROCID", "0")
+
+
+def _rendezvous() -> None:
+    """torch's env:// rendezvous for srun tasks: the first node of the step, a port from the job and step ids."""
+    if "MASTER_ADDR" not in os.environ:
+        import subprocess
+
+        nodes = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_STEP_NODELIST"]],
+                               capture_output=True, text=True, check=True).stdout.split()
+        os.environ["MASTER_ADDR"] = nodes[0]
+    os.environ.setdefault("MASTER_PORT", str(20000 + (int(os.environ.get("SLURM_JOB_ID", "0")) * 7
+                                                      + int(os.environ.get("SLURM_STEP_ID", "0"))) % 20000))
+    os.environ.setdefault("WORLD_SIZE", str(world_size()))
+    os.environ.setdefault("RANK", str(rank()))
 
 
 def is_main() -> bool:
@@ -40,9 +62,11 @@ def init() -> bool:
     if world_size() == 1:
         return False
     if not dist.is_initialized():
+        if "WORLD_SIZE" not in os.environ:
+            _rendezvous()
         cuda = torch.cuda.is_available()
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        if cuda:   # srun --gpus-per-task shows each task one GPU (index 0)
+            torch.cuda.set_device(_env("LOCAL_RANK", "SLURM_LOCALID", "0") % torch.cuda.device_count())
         dist.init_process_group("nccl" if cuda else "gloo")
     return True
 
