@@ -224,7 +224,9 @@ def global_batch_norm(model: torch.nn.Module) -> torch.nn.Module:
     if not init():
         return model
     if dist.get_backend() == "nccl":
-        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        from timm.layers import convert_sync_batchnorm   # torch's would drop the activation of timm's BatchNormAct2d
+
+        return convert_sync_batchnorm(model)
     for name, child in model.named_children():
         # exact types only: subclasses (e.g. timm's BatchNormAct2d) do more than normalise
         if type(child) in (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d):
