@@ -359,6 +359,33 @@ def test_an_interrupted_training_run_resumes_to_the_same_model(tmp_path, monkeyp
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
 
 
+def test_the_logit_adjustment_prior_can_come_from_other_counts(tmp_path, monkeypatch):
+    """``prior_counts`` (the real images' counts when generated images are added) replaces the label
+    counts of the training images in the loss, and only there."""
+    paths = []
+    for k in range(9):
+        paths.append(tmp_path / f"{k}.jpg")
+        paths[-1].write_bytes(_jpeg(k % 3, k))
+    labels = np.array([0, 0, 0, 0, 0, 1, 1, 1, 2])
+    cfg = training.TrainConfig(model="test_resnet", image_size=12, epochs=1, batch_size=4, lr=0.05, amp=False,
+                               num_workers=0, device="cpu")
+    torch.set_num_threads(1)
+    seen = []
+    real_loss_fn = training.loss_fn
+    monkeypatch.setattr(training, "loss_fn", lambda name, counts, tau=1.0: seen.append(counts.tolist()) or
+                        real_loss_fn(name, counts, tau))
+    default = training.train_classifier(paths, labels, 3, cfg, "logit-adjusted", seed=0, progress=False).state_dict()
+    real = training.train_classifier(paths, labels, 3, cfg, "logit-adjusted", seed=0, progress=False,
+                                     prior_counts=np.array([5, 1, 1])).state_dict()
+    assert seen == [[5, 3, 1], [5, 1, 1]]
+    assert not all(torch.equal(default[k], real[k]) for k in default)  # the prior moved the weights
+    with pytest.raises(ValueError, match="one count per class"):
+        training.train_classifier(paths, labels, 3, cfg, "logit-adjusted", seed=0, progress=False,
+                                  prior_counts=np.array([5, 1]))
+    with pytest.raises(KeyError, match="unknown logit-adjustment prior"):
+        stages.LongTailParams(prior=["generated"])
+
+
 # --- extra images and the synthesis rule ---------------------------------------------------------
 
 def test_synthesis_plan_selects_medium_and_few_classes():
@@ -402,8 +429,8 @@ def test_extra_images_join_the_training_set_under_their_class(tmp_path):
 # --- end to end ----------------------------------------------------------------------------------
 
 def test_tiny_train_evaluate_report_through_the_cli(fixture, tmp_path, caplog):
-    """data -> train -> evaluate -> report on the fixture: 3 seeds x (CE, logit adjustment with tau
-    chosen on val from two values) plus one extra-image method, a tiny timm model, 1 epoch."""
+    """data -> train -> evaluate -> report on the fixture: 3 seeds x (CE, logit adjustment with tau and
+    prior chosen on val from two values each) plus one extra-image method, a tiny timm model, 1 epoch."""
     spec, lists, _ = fixture
     register_benchmark(spec.name, spec, overwrite=True)
     root = _write_tree(tmp_path / "ILSVRC2012", lists)
@@ -413,7 +440,7 @@ def test_tiny_train_evaluate_report_through_the_cli(fixture, tmp_path, caplog):
         for i in range(4):
             (gen / wnid / f"{i}.png").write_bytes(_jpeg(WNIDS.index(wnid), 500 + i))
     cfg = {"benchmarks": [spec.name], "image_roots": {spec.name: str(root)}, "data_dir": str(tmp_path / "data"),
-           "results_dir": str(tmp_path / "results"), "seeds": [0, 1, 2], "tau": [1.0, 2.0],
+           "results_dir": str(tmp_path / "results"), "seeds": [0, 1, 2], "tau": [1.0, 2.0], "prior": ["all", "real"],
            "extra_images": {"sd": str(gen)}, "progress": False,
            "train": {"model": "test_resnet", "image_size": 12, "epochs": 1, "batch_size": 64, "lr": 0.05,
                      "num_workers": 0, "amp": False, "device": "cpu"}}
@@ -428,17 +455,25 @@ def test_tiny_train_evaluate_report_through_the_cli(fixture, tmp_path, caplog):
         (m, loss, k) for m in ("real", "sd") for loss in ("ce", "logit-adjusted") for k in evaluation.METRICS}
     assert all(r["seeds"] == 3 and 0 <= r["mean"] <= 1 and r["ci95"] >= 0 for r in rows)
     hp = json.loads((res / "hparams.json").read_text())
-    assert {h["tau"] for h in hp["real/logit-adjusted"]["validation"]} == {1.0, 2.0}
+    # without extra images both priors are the same counts: real-only is chosen from the taus alone
+    assert {(h["tau"], h["prior"]) for h in hp["real/logit-adjusted"]["validation"]} == {(1.0, "all"), (2.0, "all")}
+    assert {(h["tau"], h["prior"]) for h in hp["sd/logit-adjusted"]["validation"]} == {
+        (t, p) for t in (1.0, 2.0) for p in ("all", "real")}
     assert hp["real/logit-adjusted"]["selected_on"].startswith("val split")
     runs = {p.name: sorted(s.name for s in p.iterdir()) for p in (tmp_path / "data" / spec.name / "runs").iterdir()}
-    for method in ("real", "sd"):  # ce, and both taus on seed 0 of which the chosen one trained seeds 1 and 2
-        chosen = hp[f"{method}/logit-adjusted"]["selected"]["tau"]
+    for method, options in (("real", 2), ("sd", 4)):  # ce, and every option on seed 0; the chosen one trained seeds 1, 2
+        chosen = hp[f"{method}/logit-adjusted"]["selected"]
+        best = max(hp[f"{method}/logit-adjusted"]["validation"], key=lambda h: h["val_overall"])
+        assert chosen == {"tau": best["tau"], "prior": best["prior"]}
         mine = {name: seeds for name, seeds in runs.items() if name.startswith(f"{method}-")}
-        assert sorted(mine.values()) == [["seed0"], ["seed0", "seed1", "seed2"], ["seed0", "seed1", "seed2"]]
-        assert [n for n, seeds in mine.items() if seeds == ["seed0"]][0].startswith(
-            f"{method}-logit-adjusted-tau{3.0 - chosen:g}-")
+        assert sorted(mine.values()) == [["seed0"]] * (options - 1) + [["seed0", "seed1", "seed2"]] * 2
+        full = [n for n, seeds in mine.items() if seeds == ["seed0", "seed1", "seed2"] and "logit-adjusted" in n]
+        assert full[0].startswith(f"{method}-logit-adjusted-tau{chosen['tau']:g}-"
+                                  + ("realprior-" if chosen["prior"] == "real" else ""))
+        assert ("realprior" in full[0]) == (chosen["prior"] == "real")
     configs = [json.loads(c.read_text()) for c in (tmp_path / "data" / spec.name / "runs").glob("sd-*/seed0/config.json")]
     assert configs and all(c["train_images"] == sum(TRAIN) + 8 and c["real_train_images"] == sum(TRAIN) for c in configs)
+    assert {c["prior"] for c in configs if c["loss"] == "logit-adjusted"} == {"all", "real"}
     md = (res / "accuracy.md").read_text()
     assert "| method | loss | many (1 class) | medium (2 classes) | few (2 classes) | overall |" in md
     assert md.count("| real |") == 2 and md.count("| sd |") == 2

@@ -8,15 +8,16 @@ finished work.
 Methods: ``real`` (the long-tailed training set alone), every method of ``synthesis.methods`` (the
 real set plus the images the synthesize stage generated for the rare classes, read from its manifest)
 and every key of ``extra_images`` (the real set plus the images in ``<folder>/<class>/``). Each method is trained with every loss and every seed;
-each (method, loss, seed) is a classifier trained from scratch. The logit-adjusted loss's tau is
-chosen from ``tau`` by overall top-1 on the validation split of the first seed's classifiers (the
-test split never chooses anything); the chosen tau then trains the other seeds.
+each (method, loss, seed) is a classifier trained from scratch. The logit-adjusted loss's tau and
+prior (``prior``: the label counts of all training images, or of the real ones only) are chosen from
+``tau`` x ``prior`` by overall top-1 on the validation split of the first seed's classifiers (the
+test split never chooses anything); the chosen pair then trains the other seeds.
 
 Layout (``D = <data_dir>/<benchmark>``, ``R = <results_dir>/<benchmark>``)::
 
     D/lists/, D/images/, D/prepared/{train,val,test}.csv        downloaded train list, images extracted from tars (data)
     D/synthesis.csv, D/synthetic/<method>/<class>/*.png           the manifest and its images               (synthesize)
-    D/runs/<method>-<loss>[-tau<t>]-<recipe>/seed<k>/             model, predictions, resolved config           (train)
+    D/runs/<method>-<loss>[-tau<t>[-realprior]]-<recipe>/seed<k>/           model, predictions, resolved config           (train)
     R/accuracy.csv, R/per_class.csv, R/hparams.json                                                            (evaluate)
     R/accuracy.md, R/metrics.json, R/per_class_accuracy.png                                                    (report)
 """
@@ -46,6 +47,11 @@ from pipelines.io import atomic_path, load_whole, save_tensors, write_json
 log = logging.getLogger("benchmarks.longtail")
 STAGES = ("data", "synthesize", "train", "evaluate", "report")
 REAL_ONLY = "real"
+# whose label counts make the logit-adjusted loss's prior: every training image, generated ones included
+# (Menon et al.'s training label distribution), or the real ones only (generated images then widen a rare
+# class's data without shrinking its margin); listing both chooses on the validation split
+PRIORS = ("all", "real")
+PRIOR_TEXT = {"all": "all training images (generated ones included)", "real": "the real training images only"}
 # settings that change how fast a run goes, not what it learns
 _NOT_RECIPE = ("num_workers", "eval_batch_size", "device")
 
@@ -61,6 +67,7 @@ class LongTailParams:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     losses: list[str] = field(default_factory=lambda: ["ce", "logit-adjusted"])
     tau: list[float] = field(default_factory=lambda: [1.0])     # logit-adjusted loss; > 1 value: chosen on val
+    prior: list[str] = field(default_factory=lambda: ["all"])   # logit-adjusted loss (PRIORS); > 1 value: chosen on val
     extra_images: dict[str, str] = field(default_factory=dict)  # method -> folder of <class>/<image> files
     synthesis: synthesis.SynthesisParams = field(default_factory=synthesis.SynthesisParams)
     train: training.TrainConfig = field(default_factory=training.TrainConfig)
@@ -74,6 +81,11 @@ class LongTailParams:
         for loss in self.losses:
             if loss not in training.LOSSES:
                 raise unknown_error("unknown loss", loss, training.LOSSES)
+        for prior in self.prior:
+            if prior not in PRIORS:
+                raise unknown_error("unknown logit-adjustment prior", prior, PRIORS)
+        if not self.tau or not self.prior:
+            raise ValueError("tau and prior must each list at least one value")
         if len(self.seeds) < 3 or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be at least 3 distinct values (the interval is over seeds), got {self.seeds}")
         if REAL_ONLY in self.extra_images or REAL_ONLY in self.synthesis.methods:
@@ -107,8 +119,13 @@ class Run:
     def train_counts(self) -> np.ndarray:
         return data.class_counts(self.splits["train"], len(self.spec.classes))
 
-    def taus(self, loss: str) -> list[float]:
-        return list(self.p.tau) if loss == "logit-adjusted" else [0.0]
+    def options(self, method: str, loss: str) -> list[tuple[float, str]]:
+        """The (tau, prior) pairs a method's loss is selected from; cross-entropy has one, and without
+        extra images the two priors are the same counts."""
+        if loss != "logit-adjusted":
+            return [(0.0, "all")]
+        priors = ["all"] if method == REAL_ONLY else list(dict.fromkeys(self.p.prior))
+        return [(t, prior) for t in self.p.tau for prior in priors]
 
     @property
     def manifest_path(self) -> Path:
@@ -130,12 +147,15 @@ class Run:
             return out
         return synthesis.images_in_folder(self.p.extra_images[method], self.spec.classes)
 
-    def run_dir(self, method: str, loss: str, tau: float, extra) -> Path:
+    def run_dir(self, method: str, loss: str, tau: float, extra, prior: str = "all") -> Path:
         recipe = {k: v for k, v in dataclasses.asdict(self.p.train).items() if k not in _NOT_RECIPE}
         recipe.update(loss=loss, tau=tau, lists={s: self.spec.lists[s].sha256 for s in SPLITS},
                       extra=sorted((c, [p.name for p in ps]) for c, ps in (extra or {}).items()))
+        if prior != "all":  # the default prior leaves the names of runs made before the setting existed
+            recipe["prior"] = prior
         digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
-        return self.dir / "runs" / f"{method}-{loss}{f'-tau{tau:g}' if loss == 'logit-adjusted' else ''}-{digest}"
+        la = f"-tau{tau:g}{'' if prior == 'all' else f'-{prior}prior'}" if loss == "logit-adjusted" else ""
+        return self.dir / "runs" / f"{method}-{loss}{la}-{digest}"
 
 
 # --- stages --------------------------------------------------------------------------------------
@@ -193,14 +213,16 @@ def stage_synthesize(run: Run) -> None:
              len(plan), sum(plan.values()), report.made, report.skipped)
 
 
-def _train_one(run: Run, out: Path, paths, labels, loss: str, tau: float, seed: int) -> dict[str, np.ndarray]:
-    """Predictions on val and test of the classifier (method, loss, tau, seed); trains it unless done."""
+def _train_one(run: Run, out: Path, paths, labels, loss: str, tau: float, seed: int,
+               prior: str = "all") -> dict[str, np.ndarray]:
+    """Predictions on val and test of the classifier (method, loss, tau, prior, seed); trains it unless done."""
     preds_path = out / f"seed{seed}" / "predictions.npz"
     preds = load_whole(preds_path, _load_predictions, "predictions")
     if preds is None:
         cfg = run.p.train
         model = training.train_classifier(paths, labels, len(run.spec.classes), cfg, loss, seed, tau,
-                                          state_path=out / f"seed{seed}" / "state.pt", progress=run.p.progress)
+                                          state_path=out / f"seed{seed}" / "state.pt", progress=run.p.progress,
+                                          prior_counts=run.train_counts if prior == "real" else None)
         preds = {s: training.predict(model, run.splits[s].paths, cfg, run.p.progress) for s in ("val", "test")}
         if not distributed.is_main():   # every process holds the same model and predictions; the first writes
             distributed.barrier()
@@ -208,7 +230,7 @@ def _train_one(run: Run, out: Path, paths, labels, loss: str, tau: float, seed: 
         save_tensors(out / f"seed{seed}" / "model.safetensors", dict(model.state_dict()),
                      metadata={"model": cfg.model, "num_classes": str(len(run.spec.classes))})
         write_json(out / f"seed{seed}" / "config.json",
-                   {"benchmark": run.spec.name, "loss": loss, "tau": tau, "seed": seed, "train": dataclasses.asdict(cfg),
+                   {"benchmark": run.spec.name, "loss": loss, "tau": tau, "prior": prior, "seed": seed, "train": dataclasses.asdict(cfg),
                     "train_images": len(paths), "real_train_images": len(run.splits["train"].paths)})
         with atomic_path(preds_path) as tmp:
             with open(tmp, "wb") as f:
@@ -223,38 +245,40 @@ def _load_predictions(path: Path) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
-def _selection(run: Run, loss: str, val_preds: dict[float, np.ndarray]) -> tuple[float, list[dict]]:
-    """The tau with the best overall top-1 on the validation split (first of equals)."""
-    table = [{"tau": t, "val_overall": float((val_preds[t] == run.splits["val"].labels).mean())} for t in run.taus(loss)]
-    best = max(table, key=lambda r: r["val_overall"])["tau"]
-    return best, table
+def _selection(run: Run, val_preds: dict[tuple[float, str], np.ndarray]) -> tuple[tuple[float, str], list[dict]]:
+    """The (tau, prior) with the best overall top-1 on the validation split (first of equals)."""
+    table = [{"tau": t, "prior": prior, "val_overall": float((preds == run.splits["val"].labels).mean())}
+             for (t, prior), preds in val_preds.items()]
+    best = max(table, key=lambda r: r["val_overall"])
+    return (best["tau"], best["prior"]), table
 
 
-def _method_loss(run: Run, method: str, loss: str, train: bool) -> tuple[float, list[dict], dict[int, dict]]:
-    """(chosen tau, validation table, predictions per seed) of one method and loss, training what is
-    missing if ``train`` (else a missing run is an error)."""
+def _method_loss(run: Run, method: str, loss: str, train: bool) -> tuple[tuple[float, str], list[dict], dict[int, dict]]:
+    """(chosen (tau, prior), validation table, predictions per seed) of one method and loss, training
+    what is missing if ``train`` (else a missing run is an error)."""
     extra = run.extra(method)
     real = run.splits["train"]
     paths, labels = training.training_items(real.paths, real.labels, run.spec.classes, extra)
 
-    def preds(tau: float, seed: int) -> dict[str, np.ndarray]:
-        out = run.run_dir(method, loss, tau, extra)
+    def preds(option: tuple[float, str], seed: int) -> dict[str, np.ndarray]:
+        tau, prior = option
+        out = run.run_dir(method, loss, tau, extra, prior)
         if not train and not (out / f"seed{seed}" / "predictions.npz").is_file():
             raise FileNotFoundError(f"{out}/seed{seed}: no predictions; run the train stage")
-        return _train_one(run, out, paths, labels, loss, tau, seed)
+        return _train_one(run, out, paths, labels, loss, tau, seed, prior)
 
     first = run.p.seeds[0]
-    taus = run.taus(loss)
-    val = {t: preds(t, first)["val"] for t in taus}
-    tau, table = _selection(run, loss, val)
-    return tau, table, {s: preds(tau, s) for s in run.p.seeds}
+    val = {o: preds(o, first)["val"] for o in run.options(method, loss)}
+    chosen, table = _selection(run, val)
+    return chosen, table, {s: preds(chosen, s) for s in run.p.seeds}
 
 
 def stage_train(run: Run) -> None:
     for method in run.p.methods:
         for loss in run.p.losses:
-            tau, _, _ = _method_loss(run, method, loss, train=True)
-            log.info("%s: %s / %s trained (tau %g), seeds %s", run.spec.name, method, loss, tau, run.p.seeds)
+            (tau, prior), _, _ = _method_loss(run, method, loss, train=True)
+            log.info("%s: %s / %s trained (tau %g, prior %s), seeds %s", run.spec.name, method, loss, tau, prior,
+                     run.p.seeds)
 
 
 def stage_evaluate(run: Run) -> None:
@@ -264,7 +288,7 @@ def stage_evaluate(run: Run) -> None:
     rows, class_rows, hparams = [], [], {}
     for method in run.p.methods:
         for loss in run.p.losses:
-            tau, table, preds = _method_loss(run, method, loss, train=False)
+            (tau, prior), table, preds = _method_loss(run, method, loss, train=False)
             per_seed = {s: evaluation.shot_accuracies(preds[s]["test"], test.labels, counts, spec.many_shot_threshold,
                                                       spec.few_shot_threshold) for s in run.p.seeds}
             summary = evaluation.summarise(per_seed)
@@ -275,7 +299,7 @@ def stage_evaluate(run: Run) -> None:
                             "train_images": int(counts[i]), "group": groups[i], "accuracy": float(per_class[i])}
                            for i, c in enumerate(spec.classes)]
             if loss == "logit-adjusted":
-                hparams[f"{method}/{loss}"] = {"selected": {"tau": tau}, "selected_on": "val split, overall top-1, "
+                hparams[f"{method}/{loss}"] = {"selected": {"tau": tau, "prior": prior}, "selected_on": "val split, overall top-1, "
                                                f"seed {run.p.seeds[0]}", "validation": table}
             log.info("%s %s %s: overall %.2f ± %.2f, few %.2f ± %.2f", spec.name, method, loss,
                      100 * summary["overall"]["mean"], 100 * summary["overall"]["ci95"],
@@ -283,6 +307,14 @@ def stage_evaluate(run: Run) -> None:
     reports.write_accuracy_csv(rows, run.results / "accuracy.csv")
     reports.write_class_csv(class_rows, run.results / "per_class.csv")
     write_json(run.results / "hparams.json", hparams)
+
+
+def _la_note(p: LongTailParams) -> str:
+    tau = f"tau from {list(p.tau)}" if len(p.tau) > 1 else f"tau {p.tau[0]:g}"
+    prior = " or ".join(PRIOR_TEXT[x] for x in p.prior)
+    chosen = ", both chosen" if len(p.tau) > 1 and len(p.prior) > 1 else ", chosen" if len(p.tau) + len(p.prior) > 2 else ""
+    return (f"Logit adjustment: {tau}; prior from the label counts of {prior}{chosen}"
+            f"{' on the validation split (hparams.json)' if chosen else ''}.")
 
 
 def stage_report(run: Run) -> None:
@@ -296,8 +328,7 @@ def stage_report(run: Run) -> None:
         f"Shot groups by real training images (classifier-balancing's `shot_acc`): many > {run.spec.many_shot_threshold}, "
         f"few < {run.spec.few_shot_threshold}, medium otherwise; a group's accuracy is the mean of its classes'. "
         "The interval resamples only the training seed (each seed a classifier trained from scratch); the test set is fixed.",
-        "Losses: `ce` = cross-entropy; `logit-adjusted` = Menon et al. 2021 (tau = 1 is Balanced Softmax), tau chosen on "
-        "the validation split (hparams.json)."]
+        "Losses: `ce` = cross-entropy; `logit-adjusted` = Menon et al. 2021 (tau = 1 is Balanced Softmax). " + _la_note(run.p)]
     sp = run.p.synthesis
     if sp.methods:
         amount = f"{sp.images_per_class} generated images each" if sp.images_per_class is not None \

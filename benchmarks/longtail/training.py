@@ -159,9 +159,10 @@ def _schedule(opt, cfg: TrainConfig, steps_per_epoch: int):
 
 def train_classifier(paths: Sequence[str], labels: np.ndarray, num_classes: int, cfg: TrainConfig, loss: str,
                      seed: int, tau: float = 1.0, state_path: str | Path | None = None,
-                     progress: bool = True) -> torch.nn.Module:
+                     progress: bool = True, prior_counts: np.ndarray | None = None) -> torch.nn.Module:
     """Train ``cfg.model`` from its initialisation under ``seed`` on (paths, labels) with ``loss``
-    (the logit adjustment uses the label counts of exactly these images, extra images included).
+    (the logit adjustment's prior is ``prior_counts``, by default the label counts of exactly these
+    images, extra images included).
 
     Initialisation, the order of each epoch and the augmentation of each sample all derive from
     ``seed`` (order and augmentation keyed by epoch and sample), so a run is reproducible whatever
@@ -169,7 +170,9 @@ def train_classifier(paths: Sequence[str], labels: np.ndarray, num_classes: int,
     (:mod:`benchmarks.distributed`; only the first process writes the resume point). With ``state_path``
     the state after each epoch is saved there and a rerun resumes."""
     device = cfg.resolved_device()
-    counts = torch.as_tensor(np.bincount(labels, minlength=num_classes))
+    counts = torch.as_tensor(np.bincount(labels, minlength=num_classes) if prior_counts is None else prior_counts)
+    if counts.shape != (num_classes,):
+        raise ValueError(f"prior_counts must hold one count per class ({num_classes}), got shape {tuple(counts.shape)}")
     criterion = loss_fn(loss, counts, tau)
     torch.manual_seed(seed)
     model = distributed.global_batch_norm(create_model(cfg, num_classes).to(device))
