@@ -17,7 +17,7 @@ Layout (``D = <data_dir>/<benchmark>``, ``R = <results_dir>/<benchmark>``)::
 
     D/lists/, D/images/, D/prepared/{train,val,test}.csv        downloaded train list, images extracted from tars (data)
     D/synthesis.csv, D/synthetic/<method>/<class>/*.png           the manifest and its images               (synthesize)
-    D/runs/<method>-<loss>[-tau<t>[-realprior]]-<recipe>/seed<k>/           model, predictions, resolved config           (train)
+    D/runs/<method>-<loss>[-tau<t>[-realprior]]-<recipe>/seed<k>/ model, predictions, resolved config           (train)
     R/accuracy.csv, R/per_class.csv, R/hparams.json                                                            (evaluate)
     R/accuracy.md, R/metrics.json, R/per_class_accuracy.png                                                    (report)
 """
