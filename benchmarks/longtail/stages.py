@@ -50,8 +50,8 @@ REAL_ONLY = "real"
 # whose label counts make the logit-adjusted loss's prior: every training image, generated ones included
 # (Menon et al.'s training label distribution), or the real ones only (generated images then widen a rare
 # class's data without shrinking its margin); listing both chooses on the validation split
-PRIORS = ("all", "real")
 PRIOR_TEXT = {"all": "all training images (generated ones included)", "real": "the real training images only"}
+PRIORS = tuple(PRIOR_TEXT)
 # settings that change how fast a run goes, not what it learns
 _NOT_RECIPE = ("num_workers", "eval_batch_size", "device")
 
