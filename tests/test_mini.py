@@ -412,6 +412,12 @@ def test_reduced_world_seedselect_and_nao_fix_the_tail(world):
     assert {k: ss[k] for k in selection["chosen"]["seedselect"]} == selection["chosen"]["seedselect"]
     best = max(selection["candidates"], key=lambda r: r["novel_fidelity"])
     assert selection["chosen"]["seedselect"] == best["values"]
+    # a rerun (its finished units reused) writes the same bytes, so the stages that apply the choice do not rerun
+    before = (world.results_dir / "selection.json").read_bytes()
+    from benchmarks.mini import select
+
+    assert select.run(world)["seconds"] >= 0
+    assert (world.results_dir / "selection.json").read_bytes() == before
     # replicates draw their own references from the pool
     for name, per_seed in result["references"].items():
         assert per_seed["0"] != per_seed["1"] and len(per_seed["0"]) == 4, name
