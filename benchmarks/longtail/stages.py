@@ -124,7 +124,7 @@ class Run:
         extra images the two priors are the same counts."""
         if loss != "logit-adjusted":
             return [(0.0, "all")]
-        priors = ["all"] if method == REAL_ONLY else list(dict.fromkeys(self.p.prior))
+        priors = ["all"] if method == REAL_ONLY else self.p.prior
         return [(t, prior) for t in self.p.tau for prior in priors]
 
     @property
