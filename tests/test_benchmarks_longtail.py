@@ -514,11 +514,12 @@ def test_mini_lt_synthesis_plans_the_rare_classes_and_feeds_training(tmp_path):
     pipelines on tiny models (sd; seedselect with its contrastive loss over chunks of 2 classes) ->
     train (1 epoch) -> evaluate: the manifest holds exactly the medium + few classes x M images, each
     contrast set is one chunk, references come from the class's training images, and the generated
-    images join the training set under their class."""
+    images join the training set under their class; the source's held-out real images (the mini world's
+    references split) of the same classes train the `real-heldout` row."""
     from benchmarks.fewshot.synthesis import read_manifest
     from benchmarks.longtail import mini as mini_lt
     from benchmarks.mini.config import DataConfig
-    from benchmarks.mini.data import build
+    from benchmarks.mini.data import build, load_split
     from pipelines.testing import save_tiny_image_encoder, save_tiny_pipeline
 
     torch.set_num_threads(1)
@@ -539,7 +540,10 @@ def test_mini_lt_synthesis_plans_the_rare_classes_and_feeds_training(tmp_path):
            "train": {"model": "test_resnet", "image_size": 32, "epochs": 1, "batch_size": 64, "hflip": False,
                      "crop_scale": [0.7, 1.0], "test_resize": 1.0, "num_workers": 0, "amp": False, "device": "cpu"}}
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"longtail": cfg, "mini_lt": {"mini_data": str(tmp_path / "mini"), "out_dir": str(src)}}))
+    heldout = tmp_path / "heldout"
+    cfg["extra_images"] = {"real-heldout": str(heldout)}
+    mini_cfg = {"mini_data": str(tmp_path / "mini"), "out_dir": str(src), "heldout_dir": str(heldout), "heldout_per_class": 1}
+    params.write_text(yaml.safe_dump({"longtail": cfg, "mini_lt": mini_cfg}))
     assert mini_lt.main(["source", "--params", str(params)]) == 0
     spec = get_benchmark(str(src / "spec.json"))
     # counts 40 .. 2 over 8 levels; thresholds scaled from ImageNet-LT's 20 / 100 over 5..1280
@@ -551,6 +555,11 @@ def test_mini_lt_synthesis_plans_the_rare_classes_and_feeds_training(tmp_path):
     rare = [c for c in spec.classes if evaluation.shot_group(counts[c], spec.many_shot_threshold,
                                                               spec.few_shot_threshold) != "many"]
     assert {"two", "five"} <= set(rare) and len(rare) >= 4
+    ref_images, ref_labels = load_split(tmp_path / "mini", "references")
+    assert sorted(p.name for p in heldout.iterdir()) == sorted(rare)
+    for c in rare:
+        (f,) = (heldout / c).iterdir()
+        assert np.array_equal(np.asarray(Image.open(f)), ref_images[ref_labels == spec.classes.index(c)][0].permute(1, 2, 0).numpy())
     rows = read_manifest(run.manifest_path)
     for method in ("sd", "seedselect"):
         mine = [r for r in rows if r.method == method]
@@ -568,9 +577,20 @@ def test_mini_lt_synthesis_plans_the_rare_classes_and_feeds_training(tmp_path):
     contrast = [json.loads(p.read_text()) for p in (run.dir / "generation-runs").glob("seedselect-*/*/seedselect-*-00000.json")]
     assert len(contrast) == len(rare) and all(len(rec["contrast_set"]) == 2 for rec in contrast)
     assert stages.main(["train", "--params", str(params)]) == 0
-    configs = {c.parts[-3].split("-")[0]: json.loads(c.read_text()) for c in run.dir.glob("runs/*-ce-*/seed0/config.json")}
+    configs = {c.parts[-3].rsplit("-ce-", 1)[0]: json.loads(c.read_text()) for c in run.dir.glob("runs/*-ce-*/seed0/config.json")}
     real = len(run.splits["train"].paths)
     assert configs["real"]["train_images"] == real and configs["sd"]["train_images"] == real + m * len(rare)
+    assert configs["real-heldout"]["train_images"] == real + len(rare)
     assert stages.main(["evaluate", "--params", str(params)]) == 0
     assert {r["method"] for r in reports.read_accuracy_csv(tmp_path / "results" / "mini-lt" / "accuracy.csv")} == \
-        {"real", "sd", "seedselect"}
+        {"real", "sd", "seedselect", "real-heldout"}
+    assert stages.main(["report", "--params", str(params)]) == 0
+    assert f"`real-heldout`: the real training set plus the images in `{heldout}/<class>/` for {len(rare)} classes" in \
+        (tmp_path / "results" / "mini-lt" / "accuracy.md").read_text()
+    # more held-out images than the references split holds: one line naming the class, nothing replaced
+    before = sorted(p.relative_to(heldout) for p in heldout.rglob("*"))
+    params.write_text(yaml.safe_dump({"longtail": cfg, "mini_lt": {**mini_cfg, "heldout_per_class": 2}}))
+    with pytest.raises(SystemExit) as e:
+        mini_lt.main(["source", "--params", str(params)])
+    assert e.value.code == 2
+    assert sorted(p.relative_to(heldout) for p in heldout.rglob("*")) == before

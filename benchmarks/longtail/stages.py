@@ -336,6 +336,11 @@ def stage_report(run: Run) -> None:
         notes.append(f"Generated images ({', '.join(f'`{m}`' for m in sp.methods)}): the {' + '.join(sp.groups)}-shot classes get "
                      f"{amount}, from up to {sp.references_per_class} references drawn from the class's own training images; "
                      f"classes are generated in contrast sets of up to {sp.contrast_size} (SeedSelect's contrastive loss).")
+    for method, folder in sorted(run.p.extra_images.items()):
+        counts = {c: len(ps) for c, ps in synthesis.images_in_folder(folder, run.spec.classes).items() if ps}
+        amount = f"{next(iter(counts.values()))} each" if len(set(counts.values())) == 1 else "; ".join(f"{c} {n}" for c, n in counts.items())
+        notes.append(f"`{method}`: the real training set plus the images in `{folder}/<class>/` for {len(counts)} "
+                     f"class{'es' if len(counts) != 1 else ''} ({', '.join(counts)}: {amount}).")
     reports.write_report(rows, class_rows, run.results, run.spec.many_shot_threshold, run.spec.few_shot_threshold,
                          methods=run.p.methods, notes=notes)
 
