@@ -291,14 +291,6 @@ def test_shot_groups_follow_classifier_balancing_shot_acc():
     assert math.isnan(no_many["many"]) and no_many["medium"] == pytest.approx(0.5)
 
 
-def test_t_interval_over_seeds():
-    mean, ci = evaluation.mean_ci95_t([0.5, 0.6, 0.7])
-    assert mean == pytest.approx(0.6)
-    assert ci == pytest.approx(4.302653 * 0.1 / math.sqrt(3), rel=1e-6)  # t_{0.975, 2} from tables
-    with pytest.raises(ValueError, match="at least 2 seeds"):
-        evaluation.mean_ci95_t([0.5])
-
-
 # --- the logit-adjusted loss ---------------------------------------------------------------------
 
 def test_logit_adjusted_loss_matches_its_formula():

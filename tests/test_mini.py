@@ -202,13 +202,6 @@ def test_copies_score_as_copies_and_real_images_do_not():
         metrics.diversity(ev, copies[:1], heldout)
 
 
-def test_ci95():
-    mean, half = metrics.ci95([0.5, 0.6, 0.7])
-    assert mean == pytest.approx(0.6)
-    assert half == pytest.approx(4.302653 * 0.1 / 3 ** 0.5, rel=1e-5)
-    assert metrics.ci95([0.3]) == (0.3, 0.0)
-
-
 # ---------------------------------------------------------------- reduced world, end to end
 
 NO_CHECKPOINTING = {"gradient_checkpointing": False, "checkpoint_decoder": False}  # tiny models: compute, not memory

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from PIL import Image
 
 from benchmarks.fewshot import synthesis
 from benchmarks.fewshot.stages import FewShotParams, Run
+from benchmarks.intervals import format_interval, notes_for, t_interval
 from benchmarks.params import load_section
 from pipelines.io import write_json, write_text
 
@@ -48,12 +48,6 @@ class RecipeParams:
         "SeedSelect, per-concept + bootstrap": "seedselect-per-concept",
         "SeedSelect, per-concept (the authors')": "seedselect-per-concept-no-bootstrap",
         "NAO-SeedSelect, contrastive": "nao-seedselect"})
-
-
-def ci95(values) -> tuple[float, float]:
-    from benchmarks.mini.metrics import ci95 as t_interval
-
-    return t_interval(values)
 
 
 def _records(run: Run, variant: str) -> list[dict]:
@@ -120,9 +114,9 @@ def measure(p: RecipeParams, fs: FewShotParams) -> dict:
             raise ValueError(f"recipe row {label!r}: no per-image records of {variant!r} under "
                              f"{run.dir / 'generation-runs'}; rerun the synthesize stage")
         out[variant] = {
-            "label": label, "groups": len(per_group["fid"]), "tail_fidelity": ci95(per_group["fid"]),
-            "tail_novel_fidelity": ci95(per_group["novel"]), "near_copy_share": ci95(per_group["copies"]),
-            "tail_diversity": ci95(per_group["div"]),
+            "label": label, "groups": len(per_group["fid"]), "tail_fidelity": t_interval(per_group["fid"]),
+            "tail_novel_fidelity": t_interval(per_group["novel"]), "near_copy_share": t_interval(per_group["copies"]),
+            "tail_diversity": t_interval(per_group["div"]),
             "updates_per_image": float(np.mean([r.get("updates", 0) for r in records])),
             "seconds_per_image": float(np.mean([r.get("seconds", 0.0) for r in records])),
             "images": len(records), "gain_over_real_only": _gains(run, variant, p.head)}
@@ -131,9 +125,7 @@ def measure(p: RecipeParams, fs: FewShotParams) -> dict:
 
 
 def _pm(value: tuple[float, float], scale: float = 1.0, digits: int = 1) -> str:
-    """``mean ± half-width``; ``n/a`` for an interval that resamples nothing (NaN)."""
-    ci = "n/a" if math.isnan(value[1]) else f"{value[1] * scale:.{digits}f}"
-    return f"{value[0] * scale:.{digits}f} ± {ci}"
+    return format_interval(value[0], value[1], scale, digits)
 
 
 def render(result: dict, target_row: str = "seedselect", baseline_row: str = "seedselect-per-concept-no-bootstrap") -> str:
@@ -158,6 +150,8 @@ def render(result: dict, target_row: str = "seedselect", baseline_row: str = "se
         lines.append(f"| {r['label']} | {_pm(r['tail_fidelity'], 100)} | {_pm(r['tail_novel_fidelity'], 100)} | "
                      f"{_pm(r['near_copy_share'], 100)} | {_pm(r['tail_diversity'], 1, 2)} | "
                      f"{r['updates_per_image']:.1f} | {r['seconds_per_image']:.3f} | " + " | ".join(gains) + " |")
+    if note := notes_for("\n".join(lines)):
+        lines += ["", note]
     if target_row in v and baseline_row in v:
         a, b = v[target_row], v[baseline_row]
         ratio = a["updates_per_image"] / b["updates_per_image"]

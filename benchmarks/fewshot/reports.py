@@ -15,6 +15,7 @@ from typing import Iterable
 
 from PIL import Image
 
+from benchmarks.intervals import format_interval, notes_for
 from pipelines.io import save_figure, save_image, write_json, write_text
 
 ROW_FIELDS = ["benchmark", "method", "head", "shot", "mean", "ci95", "gain", "gain_ci95", "episodes", "replicates",
@@ -23,7 +24,7 @@ _FLOATS, _OPTIONAL, _INTS = ("mean", "ci95"), ("gain", "gain_ci95"), ("shot", "e
 
 
 def _fmt(mean: float, ci: float, sign: str = "") -> str:
-    return f"{100 * mean:{sign}.2f} ± " + ("n/a" if math.isnan(ci) else f"{100 * ci:.2f}")  # n/a: nothing resampled
+    return format_interval(mean, ci, 100, 2, sign)  # n/a: nothing resampled
 
 
 def _round(x: float | None) -> float | None:
@@ -68,6 +69,7 @@ def markdown_table(rows: list[dict], methods: list[str] | None = None) -> str:
             order += sorted({r["method"] for r in sel} - set(order))
             cell = {(r["method"], r["shot"]): r for r in sel}
             episodes = sorted({r["episodes"] for r in sel})
+            start = len(out)
             out.append(f"### {bench} — {head} head ({'/'.join(map(str, episodes))} episodes, accuracy % ± 95% CI)\n")
             out.append("| method | " + " | ".join(f"{k}-shot | Δ {k}-shot" for k in shots) + " |")
             out.append("|---|" + "---|---|" * len(shots))
@@ -79,7 +81,7 @@ def markdown_table(rows: list[dict], methods: list[str] | None = None) -> str:
                     cells.append(_fmt(r["gain"], r["gain_ci95"], "+") if r and r["gain"] is not None else "–")
                 out.append(f"| {m} | " + " | ".join(cells) + " |")
             out.append("")
-            out.append(interval_note(sel))
+            out.append(interval_note(sel) + (f" {note}" if (note := notes_for("\n".join(out[start:]))) else ""))
             out.append("")
     return "\n".join(out)
 

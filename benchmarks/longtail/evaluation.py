@@ -15,6 +15,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from benchmarks.intervals import t_interval
 from benchmarks.longtail.registry import FEW_SHOT_THRESHOLD, MANY_SHOT_THRESHOLD
 
 GROUPS = ("many", "medium", "few")
@@ -58,24 +59,12 @@ def shot_accuracies(preds: np.ndarray, labels: np.ndarray, train_counts: Sequenc
     return out
 
 
-def mean_ci95_t(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and 95% half-width with Student's t over ``values`` (one per training seed):
-    t_{0.975, n-1} * s / sqrt(n), s the sample standard deviation. It resamples only the training seed
-    (initialisation, order, augmentation); the test set is fixed, so it omits test-sampling error."""
-    from scipy import stats
-
-    v = np.asarray(values, dtype=np.float64)
-    if v.size < 2:
-        raise ValueError(f"a confidence interval over seeds needs at least 2 seeds, got {v.size}")
-    return float(v.mean()), float(stats.t.ppf(0.975, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size))
-
-
 def summarise(per_seed: Mapping[int, Mapping[str, float]]) -> dict[str, dict]:
     """Per metric: mean, 95% t-interval half-width and the per-seed values."""
     seeds = sorted(per_seed)
     out = {}
     for m in METRICS:
         values = [per_seed[s][m] for s in seeds]
-        mean, ci = mean_ci95_t(values) if not any(math.isnan(v) for v in values) else (math.nan, math.nan)
+        mean, ci = t_interval(values) if not any(math.isnan(v) for v in values) else (math.nan, math.nan)
         out[m] = {"mean": mean, "ci95": ci, "seeds": seeds, "values": values}
     return out

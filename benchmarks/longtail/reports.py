@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.intervals import format_interval, notes_for
 from benchmarks.longtail.evaluation import METRICS
 from pipelines.io import save_figure, write_json, write_text
 
@@ -51,7 +52,7 @@ def read_class_csv(path: str | Path) -> list[dict]:
 
 
 def _fmt(mean: float, ci: float) -> str:
-    return "–" if math.isnan(mean) else f"{100 * mean:.2f} ± {100 * ci:.2f}"
+    return format_interval(mean, ci, 100, 2)
 
 
 def markdown_table(rows: list[dict], methods: list[str] | None = None, group_sizes: dict[str, int] | None = None) -> str:
@@ -71,7 +72,8 @@ def markdown_table(rows: list[dict], methods: list[str] | None = None, group_siz
                 out.append(f"| {m} | {loss} | " + " | ".join(
                     _fmt(cell[(m, loss, k)]["mean"], cell[(m, loss, k)]["ci95"]) if (m, loss, k) in cell else "–"
                     for k in METRICS) + " |")
-    return "\n".join(out) + "\n"
+    note = notes_for("\n".join(out))
+    return "\n".join(out + ([f"\n{note}"] if note else [])) + "\n"
 
 
 def metrics(rows: list[dict]) -> dict:

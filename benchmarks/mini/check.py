@@ -15,7 +15,9 @@ from . import data
 from .common import Timer
 from .config import MiniConfig
 from .evaluator import load_evaluator
-from .metrics import ci95, diversity, fidelity
+from benchmarks.intervals import t_interval
+
+from .metrics import diversity, fidelity
 
 
 def load_pipeline(cfg: MiniConfig):
@@ -69,16 +71,16 @@ def run(cfg: MiniConfig) -> dict:
                 rows.append(imgs[:10])
         head_f.append(sum(fh) / len(fh))
         tail_f.append(sum(ft) / len(ft))
-    head, head_ci = ci95(head_f)
-    tail_, tail_ci = ci95(tail_f)
-    gap, gap_ci = ci95([h - t for h, t in zip(head_f, tail_f)])
+    head, head_ci = t_interval(head_f)
+    tail_, tail_ci = t_interval(tail_f)
+    gap, gap_ci = t_interval([h - t for h, t in zip(head_f, tail_f)])
     result = {
         "config": asdict(cc), "seconds": timer.seconds,
         "head_fidelity_plain": head, "head_fidelity_plain_ci95": head_ci,
         "tail_fidelity_plain": tail_, "tail_fidelity_plain_ci95": tail_ci,
         "head_minus_tail_fidelity_plain": gap, "head_minus_tail_fidelity_plain_ci95": gap_ci,
         "tail_classes": [names[c] for c in sorted(tail)],
-        "per_class": {n: {k: ci95(v)[0] for k, v in d.items()} for n, d in per_class.items()},
+        "per_class": {n: {k: t_interval(v)[0] for k, v in d.items()} for n, d in per_class.items()},
         "per_seed": {"head_fidelity": head_f, "tail_fidelity": tail_f},
     }
     out = cfg.results_dir

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from benchmarks.intervals import format_interval, notes_for, t_interval
 from pipelines.loading import load_components
 from pipelines.references import load_reference_images
 from pipelines.io import load_tensors, save_image, save_tensors, write_json, write_text
@@ -55,7 +56,7 @@ from . import data
 from .common import Timer
 from .config import MiniConfig
 from .evaluator import load_evaluator
-from .metrics import ci95, diversity, fidelity, memorisation
+from .metrics import diversity, fidelity, memorisation
 from .trace import TracedNaoSeedSelect, TracedSeedSelect
 
 BASELINE = "sd"
@@ -311,7 +312,7 @@ class ClaimsRun:
             k = key_name(method)
             per_seed = {f: [float(np.mean([scores[method, c, s][f] for c in tail])) for s in cc.seeds] for f in FIGURES}
             for f, values in per_seed.items():
-                metrics[f"tail_{f}_{k}"], metrics[f"tail_{f}_{k}_ci95"] = ci95(values)
+                metrics[f"tail_{f}_{k}"], metrics[f"tail_{f}_{k}_ci95"] = t_interval(values)
             ups, secs = [], []
             for seed in cc.seeds:
                 us = [units[method, c, seed] for c in tail]
@@ -329,7 +330,7 @@ class ClaimsRun:
                 plain = result["methods"][BASELINE]["per_seed"]
                 for f in ("fidelity", "novel_fidelity"):
                     gain = [a - b for a, b in zip(per_seed[f], plain[f])]
-                    metrics[f"tail_{f}_{k}_minus_plain"], metrics[f"tail_{f}_{k}_minus_plain_ci95"] = ci95(gain)
+                    metrics[f"tail_{f}_{k}_minus_plain"], metrics[f"tail_{f}_{k}_minus_plain_ci95"] = t_interval(gain)
         if "nao-seedselect" in cc.methods:
             metrics.update(self._budget(units, evaluator, real, result))
         result["seconds"] = timer.seconds
@@ -389,7 +390,7 @@ class ClaimsRun:
             if why:
                 out[key] = out[f"{key}_ci95"] = None
             else:
-                out[key], out[f"{key}_ci95"] = ci95([nao(i, k) / ss for i, k in enumerate(reached)])
+                out[key], out[f"{key}_ci95"] = t_interval([nao(i, k) / ss for i, k in enumerate(reached)])
         if why:
             budget["ratio_undefined_because"] = why
         return out
@@ -447,7 +448,7 @@ def readme(cfg: MiniConfig, metrics: dict, result: dict, plain: dict, selection:
         v, ci = metrics.get(key), metrics.get(f"{key}_ci95")
         if v is None:
             return "undefined"
-        return f"{100 * v:.1f} ± {100 * ci:.1f}" if pct else f"{v:.3f} ± {ci:.3f}"
+        return format_interval(v, ci, 100, 1) if pct else format_interval(v, ci, 1, 3)
 
     def met(ok):
         return "yes" if ok else "**no**"
@@ -501,6 +502,8 @@ def readme(cfg: MiniConfig, metrics: dict, result: dict, plain: dict, selection:
                      f"{r['updates_per_image']:.1f} | {r['seconds_per_image']:.2f} |")
     lines += ["", "Near-copy thresholds (feature distance): " + ", ".join(
         f"{n} {v:.3f}" for n, v in result["near_copy_threshold"].items()) + "."]
+    if note := notes_for("\n".join(lines)):
+        lines += ["", note]
     if "budget" in result:
         b = result["budget"]
         lines += ["", "## Novel fidelity against compute (claim 3)", "",

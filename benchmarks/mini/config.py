@@ -109,6 +109,14 @@ class CheckConfig:
     guidance_scale: float = 7.5
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
 
+    def __post_init__(self):
+        _check_replicates("mini.check.seeds", self.seeds)
+
+
+def _check_replicates(name: str, seeds: list[int]) -> None:
+    if len(seeds) < 2 or len(set(seeds)) != len(seeds):
+        raise ValueError(f"{name} must be at least 2 distinct values (the intervals are over seeds), got {seeds}")
+
 
 def _claims_methods() -> dict[str, dict]:
     return {"sd": {}, "seedselect": {"bootstrap": True}, "nao-seedselect": {"nao_solver": "default"}}
@@ -133,6 +141,9 @@ class ClaimsConfig:
     references_per_seed: int = 5       # each seed (replicate) draws its own reference set from the class's pool
     near_copy_percentile: float = 5.0  # near-copy threshold: this percentile of held-out real nearest-neighbour distances
     work_dir: str = "data/mini/claims"  # generated images, resumable; names hash models, references, code, settings
+
+    def __post_init__(self):
+        _check_replicates("mini.claims.seeds", self.seeds)
 
 
 @dataclass

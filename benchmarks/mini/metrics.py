@@ -102,17 +102,3 @@ def diversity(evaluator, generated01: torch.Tensor, real01: torch.Tensor) -> flo
     if real <= 0:
         raise ValueError("real images of the class are all identical in feature space")
     return mean_nearest_other(unit_features(evaluator, generated01), m, gen) / real
-
-
-def ci95(values) -> tuple[float, float]:
-    """``(mean, half_width)``; half-width 0 for a single value."""
-    from scipy import stats
-
-    v = [float(x) for x in values]
-    if not v:
-        raise ValueError("ci95 of no values")
-    mean = sum(v) / len(v)
-    if len(v) == 1:
-        return mean, 0.0
-    sd = math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1))
-    return mean, float(stats.t.ppf(0.975, len(v) - 1) * sd / math.sqrt(len(v)))
