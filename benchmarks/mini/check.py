@@ -9,14 +9,13 @@ from dataclasses import asdict
 import torch
 from tqdm import tqdm
 
+from benchmarks.intervals import t_interval
 from pipelines.io import save_image, write_json
 
 from . import data
 from .common import Timer
 from .config import MiniConfig
 from .evaluator import load_evaluator
-from benchmarks.intervals import t_interval
-
 from .metrics import diversity, fidelity
 
 
