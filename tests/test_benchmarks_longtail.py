@@ -1,12 +1,9 @@
 """Long-tail benchmarks: shipped lists, the ImageNet-LT data stage on a fixture laid out like
-ILSVRC2012, the shot-group rule, the logit-adjusted loss, intervals over seeds, the synthesis
+ILSVRC2012 (tests/longtail_fixtures.py), the shot-group rule, the logit-adjusted loss, the synthesis
 selection rule, a tiny train -> evaluate -> report run through the CLI, and mini-lt synthesis on tiny models."""
-import dataclasses
 import hashlib
-import io
 import json
 import math
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -17,94 +14,15 @@ import yaml
 from PIL import Image
 
 from benchmarks.longtail import data, evaluation, reports, stages, synthesis, training
-from benchmarks.longtail.registry import (IMAGENET_LT_TRAIN_SHA256, SPLITS, ListFile, get_benchmark, list_benchmarks,
+from benchmarks.longtail.registry import (IMAGENET_LT_TRAIN_SHA256, SPLITS, get_benchmark, list_benchmarks,
                                           register_benchmark, with_train_list)
-
-# Five real ILSVRC2012 classes; train counts straddle both boundaries of classifier-balancing's rule
-# (many > 100, few < 20): 101 many, 100 and 20 medium, 19 and 5 few.
-WNIDS = ("n01440764", "n01443537", "n01484850", "n01491361", "n01494475")
-TRAIN = (101, 100, 20, 19, 5)
-VAL, TEST = 2, 3
-
-
-def _jpeg(label: int, i: int, size: int = 12) -> bytes:
-    rng = np.random.default_rng(1000 * label + i)
-    base = np.array([40 + 50 * label, 200 - 40 * label, 120], dtype=np.float64)
-    pixels = np.clip(base + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="JPEG")
-    return buf.getvalue()
-
-
-def _fixture_lists():
-    """ImageNet-LT-style lists: val from the ILSVRC train folder, test from the ILSVRC val images."""
-    lists = {s: [] for s in SPLITS}
-    val_no = 293
-    for label, (wnid, n) in enumerate(zip(WNIDS, TRAIN)):
-        for i in range(n + VAL):
-            split = "train" if i < n else "val"
-            lists[split].append((f"train/{wnid}/{wnid}_{10026 + 7 * i}.JPEG", label))
-        for _ in range(TEST):
-            lists["test"].append((f"val/{wnid}/ILSVRC2012_val_{val_no:08d}.JPEG", label))
-            val_no += 1
-    return lists
-
-
-def _list_text(entries) -> bytes:
-    return "".join(f"{p} {label}\n" for p, label in entries).encode()
-
-
-def _write_tree(root, lists, as_tars: bool = False):
-    """ILSVRC2012 layout: train/<wnid>/<file> and a flat val/, or the official tars."""
-    files = {}
-    for split in SPLITS:
-        for k, (path, label) in enumerate(lists[split]):
-            name = path.split("/")[-1]
-            files[f"train/{path.split('/')[1]}/{name}" if path.startswith("train/") else f"val/{name}"] = _jpeg(label, k)
-    if not as_tars:
-        for rel, b in files.items():
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            (root / rel).write_bytes(b)
-        return root
-    root.mkdir(parents=True, exist_ok=True)
-
-    def add(tar, name, payload):
-        info = tarfile.TarInfo(name)
-        info.size = len(payload)
-        tar.addfile(info, io.BytesIO(payload))
-
-    with tarfile.open(root / "ILSVRC2012_img_train.tar", "w") as outer:
-        for wnid in WNIDS:
-            inner = io.BytesIO()
-            with tarfile.open(fileobj=inner, mode="w") as t:
-                for rel, b in files.items():
-                    if rel.startswith(f"train/{wnid}/"):
-                        add(t, rel.split("/")[-1], b)
-            add(outer, f"{wnid}.tar", inner.getvalue())
-    with tarfile.open(root / "ILSVRC2012_img_val.tar", "w") as t:
-        for rel, b in files.items():
-            if rel.startswith("val/"):
-                add(t, rel.split("/")[-1], b)
-    return root
+from longtail_fixtures import TRAIN, WNIDS, imagenet_lt_fixture, jpeg, write_tree
 
 
 @pytest.fixture
 def fixture(tmp_path):
     """A five-class ImageNet-LT: the real spec with fixture lists (train by URL, as downloaded)."""
-    lists = _fixture_lists()
-    (tmp_path / "lists").mkdir()
-    files = {}
-    for s in SPLITS:
-        files[s] = tmp_path / "lists" / f"ImageNet_LT_{s}.txt"
-        files[s].write_bytes(_list_text(lists[s]))
-    lf = {s: ListFile(hashlib.sha256(files[s].read_bytes()).hexdigest(), files[s].name, path=str(files[s]))
-          for s in ("val", "test")}
-    lf["train"] = ListFile(hashlib.sha256(files["train"].read_bytes()).hexdigest(), files["train"].name,
-                           url=files["train"].as_uri(), size=files["train"].stat().st_size)
-    spec = dataclasses.replace(get_benchmark("imagenet-lt"), name="imagenet-lt-fixture", classes=WNIDS, lists=lf,
-                               images_per_split={s: len(lists[s]) for s in SPLITS},
-                               images_per_class={"val": VAL, "test": TEST}, image_size=12)
-    return spec, lists, files
+    return imagenet_lt_fixture(tmp_path)
 
 
 # --- registry and shipped lists ------------------------------------------------------------------
@@ -160,10 +78,10 @@ def test_shipped_lists_pass_the_spec_checks():
 @pytest.mark.parametrize("as_tars", [False, True], ids=["folder-tree", "official-tars"])
 def test_data_stage_selects_listed_images_by_file_name(fixture, tmp_path, as_tars):
     spec, lists, files = fixture
-    root = _write_tree(tmp_path / "ILSVRC2012", lists, as_tars)
+    root = write_tree(tmp_path / "ILSVRC2012", lists, as_tars)
     # an image of the source that no list names must not enter any split
     (root / "train" / WNIDS[0]).mkdir(parents=True, exist_ok=True)
-    (root / "train" / WNIDS[0] / f"{WNIDS[0]}_99999.JPEG").write_bytes(_jpeg(0, 0))
+    (root / "train" / WNIDS[0] / f"{WNIDS[0]}_99999.JPEG").write_bytes(jpeg(0, 0))
     out = data.prepare(spec, root, tmp_path / "D" / "prepared", cache_dir=tmp_path / "D" / "lists", progress=False)
     splits = data.load_prepared(spec, out)
     for s in SPLITS:
@@ -204,12 +122,12 @@ def test_places_images_are_found_by_class_folder_and_file_name(tmp_path):
 
 def test_a_missing_image_is_an_error_that_names_it(fixture, tmp_path):
     spec, lists, _ = fixture
-    root = _write_tree(tmp_path / "ILSVRC2012", lists)
+    root = write_tree(tmp_path / "ILSVRC2012", lists)
     (root / "val" / "ILSVRC2012_val_00000297.JPEG").unlink()
     with pytest.raises(data.MissingImageError, match=r"image val/n01443537/ILSVRC2012_val_00000297.JPEG \(test list\) not found"):
         data.prepare(spec, root, tmp_path / "prepared", progress=False)
     assert not (tmp_path / "prepared").exists()
-    (root / "val" / "ILSVRC2012_val_00000297.JPEG").write_bytes(_jpeg(1, 0)[:30])  # back, but truncated
+    (root / "val" / "ILSVRC2012_val_00000297.JPEG").write_bytes(jpeg(1, 0)[:30])  # back, but truncated
     with pytest.raises(data.DatasetIntegrityError, match=r"1 images do not decode, e.g. .*ILSVRC2012_val_00000297.JPEG"):
         data.prepare(spec, root, tmp_path / "prepared", progress=False)
     assert not (tmp_path / "prepared").exists()
@@ -237,7 +155,7 @@ def test_cli_reports_bad_input_in_one_line_with_exit_2(fixture, tmp_path, capsys
     bad.write_bytes(files["train"].read_bytes() + b"train/n01440764/n01440764_1.JPEG 0\n")
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"longtail": {"benchmarks": [spec.name], "data_dir": str(tmp_path / "d"),
-                                                   "image_roots": {spec.name: str(_write_tree(tmp_path / "src", lists))},
+                                                   "image_roots": {spec.name: str(write_tree(tmp_path / "src", lists))},
                                                    "train_lists": {spec.name: str(bad)}, "progress": False}}))
     with pytest.raises(SystemExit) as e:
         stages.main(["data", "--params", str(params)])
@@ -320,7 +238,7 @@ def test_an_interrupted_training_run_resumes_to_the_same_model(tmp_path, monkeyp
     paths = []
     for k in range(12):
         paths.append(tmp_path / f"{k}.jpg")
-        paths[-1].write_bytes(_jpeg(k % 3, k))
+        paths[-1].write_bytes(jpeg(k % 3, k))
     labels = np.arange(12) % 3
     cfg = training.TrainConfig(model="test_resnet", image_size=12, epochs=2, batch_size=4, lr=0.05, amp=False,
                                num_workers=0, device="cpu")
@@ -357,7 +275,7 @@ def test_the_logit_adjustment_prior_can_come_from_other_counts(tmp_path, monkeyp
     paths = []
     for k in range(9):
         paths.append(tmp_path / f"{k}.jpg")
-        paths[-1].write_bytes(_jpeg(k % 3, k))
+        paths[-1].write_bytes(jpeg(k % 3, k))
     labels = np.array([0, 0, 0, 0, 0, 1, 1, 1, 2])
     cfg = training.TrainConfig(model="test_resnet", image_size=12, epochs=1, batch_size=4, lr=0.05, amp=False,
                                num_workers=0, device="cpu")
@@ -425,12 +343,12 @@ def test_tiny_train_evaluate_report_through_the_cli(fixture, tmp_path, caplog):
     prior chosen on val from two values each) plus one extra-image method, a tiny timm model, 1 epoch."""
     spec, lists, _ = fixture
     register_benchmark(spec.name, spec, overwrite=True)
-    root = _write_tree(tmp_path / "ILSVRC2012", lists)
+    root = write_tree(tmp_path / "ILSVRC2012", lists)
     gen = tmp_path / "generated"
     for wnid in WNIDS[3:]:  # the few-shot classes get 4 images each
         (gen / wnid).mkdir(parents=True)
         for i in range(4):
-            (gen / wnid / f"{i}.png").write_bytes(_jpeg(WNIDS.index(wnid), 500 + i))
+            (gen / wnid / f"{i}.png").write_bytes(jpeg(WNIDS.index(wnid), 500 + i))
     cfg = {"benchmarks": [spec.name], "image_roots": {spec.name: str(root)}, "data_dir": str(tmp_path / "data"),
            "results_dir": str(tmp_path / "results"), "seeds": [0, 1, 2], "tau": [1.0, 2.0], "prior": ["all", "real"],
            "extra_images": {"sd": str(gen)}, "progress": False,

