@@ -51,13 +51,17 @@ def list_text(entries) -> bytes:
     return "".join(f"{p} {label}\n" for p, label in entries).encode()
 
 
-def write_tree(root, lists, as_tars: bool = False):
-    """ILSVRC2012 layout: train/<wnid>/<file> and a flat val/, or the official tars."""
+def write_tree(root, lists, as_tars: bool = False, unlisted: int = 0):
+    """ILSVRC2012 layout: train/<wnid>/<file> and a flat val/, or the official tars; plus ``unlisted``
+    training images per class that no list names (<wnid>_9000<i>.JPEG)."""
     files = {}
     for split in SPLITS:
         for k, (path, label) in enumerate(lists[split]):
             name = path.split("/")[-1]
             files[f"train/{path.split('/')[1]}/{name}" if path.startswith("train/") else f"val/{name}"] = jpeg(label, k)
+    for label, wnid in enumerate(WNIDS):
+        for i in range(unlisted):
+            files[f"train/{wnid}/{wnid}_{90000 + i}.JPEG"] = jpeg(label, 5000 + i)
     if not as_tars:
         for rel, b in files.items():
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -100,10 +104,12 @@ def places_lists():
     return lists
 
 
-def write_places_tree(root: Path, lists) -> Path:
-    """Places365-Standard layout: data_256/<first letter>/<class, '-' as a sub-folder>/<file>, val_256/<file>."""
-    for split in SPLITS:
-        for k, (path, label) in enumerate(lists[split]):
+def write_places_tree(root: Path, lists, unlisted: int = 0) -> Path:
+    """Places365-Standard layout: data_256/<first letter>/<class, '-' as a sub-folder>/<file>, val_256/<file>;
+    plus ``unlisted`` training images per class that no list names (0009000<i>.jpg)."""
+    extra = [(f"train/{c}/{90000 + i:08d}.jpg", label) for label, c in enumerate(PLACES) for i in range(unlisted)]
+    for split in (*SPLITS, "unlisted"):
+        for k, (path, label) in enumerate(lists[split] if split != "unlisted" else extra):
             _, c, name = path.split("/")
             rel = f"data_256/{c[0]}/{c.replace('-', '/')}/{name}" if path.startswith("train/") else f"val_256/{name}"
             (root / rel).parent.mkdir(parents=True, exist_ok=True)

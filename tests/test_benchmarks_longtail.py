@@ -13,10 +13,10 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
-from benchmarks.longtail import data, evaluation, reports, stages, synthesis, training
+from benchmarks.longtail import data, evaluation, heldout, reports, stages, synthesis, training
 from benchmarks.longtail.registry import (IMAGENET_LT_TRAIN_SHA256, SPLITS, get_benchmark, list_benchmarks,
                                           register_benchmark, with_train_list)
-from longtail_fixtures import TRAIN, WNIDS, imagenet_lt_fixture, jpeg, write_tree
+from longtail_fixtures import TRAIN, WNIDS, imagenet_lt_fixture, jpeg, places_lt_fixture, write_places_tree, write_tree
 
 
 @pytest.fixture
@@ -118,6 +118,42 @@ def test_places_images_are_found_by_class_folder_and_file_name(tmp_path):
         "arena-hockey/00000001.jpg": "data_256/a/arena/hockey/00000001.jpg",
         "airfield/00000001.jpg": "data_256/a/airfield/00000001.jpg",
         "Places365_val_00003597.jpg": "val_256/Places365_val_00003597.jpg"}
+
+
+def test_heldout_images_are_unlisted_training_images_chosen_alike_from_a_tree_and_tars(fixture, tmp_path):
+    """The real-heldout bar's images: training images of the wanted classes that no list names (never
+    a validation image), the same M from the folder tree and the official tars, a larger M keeping the
+    smaller one's choice; too few is an error naming the class, and nothing is written."""
+    spec, lists, _ = fixture
+    wanted = {WNIDS[2]: 3, WNIDS[4]: 3}
+    tree = heldout.choose(spec, lists, write_tree(tmp_path / "tree", lists, unlisted=5), wanted, seed=0)
+    tars = heldout.choose(spec, lists, write_tree(tmp_path / "tars", lists, as_tars=True, unlisted=5), wanted, seed=0)
+    keys = {c: [k for k, _ in items] for c, items in tree.items()}
+    assert keys == {c: [k for k, _ in items] for c, items in tars.items()}
+    listed = {p.split("/")[-1] for s in SPLITS for p, _ in lists[s]}
+    assert all(len(ks) == 3 and all(k.startswith(f"{c}_9000") and k not in listed for k in ks) for c, ks in keys.items())
+    assert all(path.read_bytes() == payload for c in wanted for (_, path), (_, payload) in zip(tree[c], tars[c]))
+    more = heldout.choose(spec, lists, tmp_path / "tree", {c: 4 for c in wanted}, seed=0)
+    assert all(set(keys[c]) < {k for k, _ in more[c]} for c in wanted)
+    assert heldout.choose(spec, lists, tmp_path / "tree", wanted, seed=1) != tree   # the seed keys the choice
+    out = tmp_path / "heldout"
+    got = heldout.write_heldout(spec, lists, tmp_path / "tars", wanted, 0, out)
+    assert got == keys and sorted(p.name for p in (out / WNIDS[2]).iterdir()) == keys[WNIDS[2]]
+    with pytest.raises(ValueError, match=f"class {WNIDS[4]} has 5 training images outside the lists"):
+        heldout.write_heldout(spec, lists, tmp_path / "tree", {WNIDS[4]: 6}, 0, out)
+    assert sorted(p.name for p in (out / WNIDS[2]).iterdir()) == keys[WNIDS[2]]   # the finished folder stands
+
+
+def test_places_heldout_images_come_from_their_class_folder(tmp_path):
+    """Places365 training files are numbered per class: a held-out image is keyed by its class folder,
+    also a nested sub-category (arena/hockey = arena-hockey), and no validation image is one."""
+    spec, lists, _ = places_lt_fixture(tmp_path / "fixture")
+    root = write_places_tree(tmp_path / "places365", lists, unlisted=2)
+    chosen = heldout.choose(spec, lists, root, {"arena-hockey": 2, "alley": 2}, seed=0)
+    assert {c: [k for k, _ in items] for c, items in chosen.items()} == {
+        "arena-hockey": ["arena-hockey/00090000.jpg", "arena-hockey/00090001.jpg"],
+        "alley": ["alley/00090000.jpg", "alley/00090001.jpg"]}
+    assert all(p.parts[-3:-1] == ("arena", "hockey") for _, p in chosen["arena-hockey"])
 
 
 def test_a_missing_image_is_an_error_that_names_it(fixture, tmp_path):
@@ -424,8 +460,8 @@ def test_mini_lt_synthesis_plans_the_rare_classes_and_feeds_training(tmp_path):
     pipelines on tiny models (sd; seedselect with its contrastive loss over chunks of 2 classes) ->
     train (1 epoch) -> evaluate: the manifest holds exactly the medium + few classes x M images, each
     contrast set is one chunk, references come from the class's training images, and the generated
-    images join the training set under their class; the source's held-out real images (the mini world's
-    references split) of the same classes train the `real-heldout` row."""
+    images join the training set under their class; the heldout stage takes the same classes' unlisted
+    real images (the mini world's references split, in the source tree) for the `real-heldout` row."""
     from benchmarks.fewshot.synthesis import read_manifest
     from benchmarks.longtail import mini as mini_lt
     from benchmarks.mini.config import DataConfig
@@ -450,15 +486,13 @@ def test_mini_lt_synthesis_plans_the_rare_classes_and_feeds_training(tmp_path):
            "train": {"model": "test_resnet", "image_size": 32, "epochs": 1, "batch_size": 64, "hflip": False,
                      "crop_scale": [0.7, 1.0], "test_resize": 1.0, "num_workers": 0, "amp": False, "device": "cpu"}}
     params = tmp_path / "params.yaml"
-    heldout = tmp_path / "heldout"
-    cfg["extra_images"] = {"real-heldout": str(heldout)}
-    mini_cfg = {"mini_data": str(tmp_path / "mini"), "out_dir": str(src), "heldout_dir": str(heldout), "heldout_per_class": 1}
-    params.write_text(yaml.safe_dump({"longtail": cfg, "mini_lt": mini_cfg}))
+    cfg["heldout"] = {"images_per_class": 1}
+    params.write_text(yaml.safe_dump({"longtail": cfg, "mini_lt": {"mini_data": str(tmp_path / "mini"), "out_dir": str(src)}}))
     assert mini_lt.main(["source", "--params", str(params)]) == 0
     spec = get_benchmark(str(src / "spec.json"))
     # counts 40 .. 2 over 8 levels; thresholds scaled from ImageNet-LT's 20 / 100 over 5..1280
     assert (spec.many_shot_threshold, spec.few_shot_threshold) == mini_lt.scaled_thresholds(2, 40)
-    for stage in ("data", "synthesize"):
+    for stage in ("data", "heldout", "synthesize"):
         assert stages.main([stage, "--params", str(params)]) == 0
     run = stages.Run(stages.load_section(stages.LongTailParams, "longtail", params), str(src / "spec.json"))
     counts = dict(zip(spec.classes, run.train_counts.tolist()))
@@ -466,7 +500,8 @@ def test_mini_lt_synthesis_plans_the_rare_classes_and_feeds_training(tmp_path):
                                                               spec.few_shot_threshold) != "many"]
     assert {"two", "five"} <= set(rare) and len(rare) >= 4
     ref_images, ref_labels = load_split(tmp_path / "mini", "references")
-    assert sorted(p.name for p in heldout.iterdir()) == sorted(rare)
+    heldout = run.heldout_dir
+    assert sorted(p.name for p in heldout.iterdir() if p.is_dir()) == sorted(rare)
     for c in rare:
         (f,) = (heldout / c).iterdir()
         assert np.array_equal(np.asarray(Image.open(f)), ref_images[ref_labels == spec.classes.index(c)][0].permute(1, 2, 0).numpy())
@@ -495,12 +530,13 @@ def test_mini_lt_synthesis_plans_the_rare_classes_and_feeds_training(tmp_path):
     assert {r["method"] for r in reports.read_accuracy_csv(tmp_path / "results" / "mini-lt" / "accuracy.csv")} == \
         {"real", "sd", "seedselect", "real-heldout"}
     assert stages.main(["report", "--params", str(params)]) == 0
-    assert f"`real-heldout`: the real training set plus the images in `{heldout}/<class>/` for {len(rare)} classes" in \
-        (tmp_path / "results" / "mini-lt" / "accuracy.md").read_text()
-    # more held-out images than the references split holds: one line naming the class, nothing replaced
+    assert "`real-heldout`: the real training set plus 1 real training images of each medium + few-shot class that no " \
+        "list holds" in (tmp_path / "results" / "mini-lt" / "accuracy.md").read_text()
+    # more held-out images than the references split holds: one line naming a class, nothing replaced
     before = sorted(p.relative_to(heldout) for p in heldout.rglob("*"))
-    params.write_text(yaml.safe_dump({"longtail": cfg, "mini_lt": {**mini_cfg, "heldout_per_class": 2}}))
+    params.write_text(yaml.safe_dump({"longtail": {**cfg, "heldout": {"images_per_class": 2}},
+                                      "mini_lt": {"mini_data": str(tmp_path / "mini"), "out_dir": str(src)}}))
     with pytest.raises(SystemExit) as e:
-        mini_lt.main(["source", "--params", str(params)])
+        stages.main(["heldout", "--params", str(params)])
     assert e.value.code == 2
     assert sorted(p.relative_to(heldout) for p in heldout.rglob("*")) == before

@@ -3,7 +3,8 @@ of the repository with only the benchmark and the model ids swapped (the five-cl
 Places-LT of tests/longtail_fixtures.py as an ILSVRC2012 / Places365-Standard folder tree, the ImageNet-LT
 train list fetched by URL as the real one is downloaded; a tiny random SD and a tiny CLIP built from
 configs) and the sizes that must shrink for 2 CPU cores (images per class, references, denoising and
-optimisation steps, the classifier, its epochs and image size; Places-LT's ImageNet-pretrained weights,
+optimisation steps, the classifier, its epochs and image size; the real-heldout bar, off by default,
+is switched on at 1 image per class; Places-LT's ImageNet-pretrained weights,
 which need the hub, become a from-scratch tiny ResNet that keeps the profile's two learning rates and
 step schedule). The stage graph, the methods (SD, SeedSelect, NAO-SeedSelect, DCT guided by zero-shot
 CLIP over the class names), the losses, the seeds and the shot groups are the profiles' own. They prove
@@ -22,7 +23,7 @@ from pipelines.io import write_json
 # profile -> (fixture spec and lists, source tree writer, classes)
 PROFILES = {"imagenet-lt": (imagenet_lt_fixture, write_tree, WNIDS),
             "places-lt": (places_lt_fixture, write_places_tree, PLACES)}
-METHODS = ["real", "sd", "seedselect", "nao-seedselect", "dct"]
+METHODS = ["real", "sd", "seedselect", "nao-seedselect", "dct", "real-heldout"]
 M = 1   # generated images per rare class
 
 
@@ -33,6 +34,8 @@ def rehearsal_params(name: str, text: str, swap: dict[str, str], spec_path: Path
     lt = p["longtail"]
     assert lt["benchmarks"] == [name]
     lt.update(benchmarks=[str(spec_path)], image_roots={name: str(images)}, progress=False)
+    assert lt["heldout"]["images_per_class"] == 0   # off in the profile: it costs a classifier per loss and seed
+    lt["heldout"]["images_per_class"] = M
     s = lt["synthesis"]
     s.update(images_per_class=M, references_per_class=2)
     s["settings"]["device"] = "cpu"
@@ -51,7 +54,7 @@ def rehearsal(request, tmp_path_factory):
     # the fixture under the real benchmark's name: the profile's stage paths are data/longtail/<name>/...
     spec, lists, _ = make_fixture(tmp / "fixture", name=name)
     spec_path = write_json(tmp / "fixture" / "spec.json", spec.to_json())
-    images = write_source(tmp / "source-images", lists)
+    images = write_source(tmp / "source-images", lists, unlisted=2)
     params = repo / "profiles" / name / "params.yaml"
     params.write_text(rehearsal_params(name, params.read_text(), tiny_models(tmp / "models"), spec_path, images))
     run = dvc(repo, tmp, "repro", f"profiles/{name}/dvc.yaml")
@@ -88,7 +91,7 @@ def test_every_method_generated_the_medium_and_few_classes_from_their_training_i
     with open(lt / "synthesis.csv") as f:
         rows = list(csv.DictReader(f))
     rare = [c for c, n in zip(classes, TRAIN) if n <= 100]
-    for method in METHODS[1:]:
+    for method in ("sd", "seedselect", "nao-seedselect", "dct"):
         mine = [r for r in rows if r["method"] == method]
         assert sorted(r["class_name"] for r in mine) == sorted(rare * M), method
         for r in mine:
@@ -100,6 +103,10 @@ def test_every_method_generated_the_medium_and_few_classes_from_their_training_i
                        (f"train/{r['class_name']}/{Path(ref).name}",
                         f"data_256/{r['class_name'][0]}/{r['class_name'].replace('-', '/')}/{Path(ref).name}")
                        for ref in r["refs"].split(";")), r["refs"]
+    # the bar: M unlisted training images of each rare class, never a listed one
+    listed = {(p.split("/")[1], p.split("/")[-1]) for s in lists for p, _ in lists[s]}
+    held = {d.name: sorted(p.name for p in d.iterdir()) for d in (lt / "heldout").iterdir() if d.is_dir()}
+    assert sorted(held) == sorted(rare) and all(len(v) == M and (c, v[0]) not in listed for c, v in held.items())
     # each trained classifier saw the real set plus M images of each rare class
     configs = [json.loads(p.read_text()) for p in (lt / "runs").glob("dct-ce-*/seed0/config.json")]
     assert len(configs) == 1 and configs[0]["train_images"] == sum(TRAIN) + M * len(rare)

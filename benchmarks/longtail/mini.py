@@ -10,11 +10,10 @@ that JSON file as the benchmark name, so the data go through the same list check
 ImageNet-LT. The classifier's training set is the corpus the mini diffusion model and its CLIP-style
 encoder were pretrained on; synthesis references come from it only.
 
-``<heldout_dir>/<class>/`` holds real images of the rare (by default medium + few) classes that no split
-and no mini model saw as a class's data: the mini world's ``references`` split, disjoint from train, val and
-test. The ``real-heldout`` method (``longtail.extra_images``) adds them as M extra images per class, as many as
-synthesis generates: the accuracy that M new real images of a class buy, the bar for generated ones. Only
-this world has such images; ImageNet-LT's analogue would be ILSVRC2012 training images outside its list.
+The tree also holds, unlisted, the mini world's ``references`` split (disjoint from train, val and test,
+and never a mini model's class data) as ``images/heldout/<class>/<class>_heldout_<k>.png``: the real
+training images outside the lists that the ``heldout`` stage draws from, as it draws ILSVRC2012 training
+images outside ImageNet-LT's lists (:mod:`benchmarks.longtail.heldout`).
 
 Thresholds (:func:`scaled_thresholds`): ImageNet-LT's many / few cut points (100 / 20 images, over its
 5..1,280 range) moved to the same relative positions in log count over the mini corpus's range.
@@ -26,11 +25,10 @@ import argparse
 import json
 import math
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.fewshot.registry import UnknownNameError, unknown_error
-from benchmarks.longtail.evaluation import GROUPS, shot_group
+from benchmarks.fewshot.registry import UnknownNameError
 from benchmarks.longtail.registry import FEW_SHOT_THRESHOLD, MANY_SHOT_THRESHOLD, SPLITS, ListFile, LongTailSpec, sha256
 from benchmarks.params import load_section
 from pipelines.io import write_json
@@ -43,16 +41,6 @@ class MiniLongTailParams:
     name: str = "mini-lt"
     mini_data: str = "data/mini/data"            # the mini_data stage's output
     out_dir: str = "data/longtail/mini-lt-source"
-    heldout_dir: str = "data/longtail/mini-lt-heldout"
-    heldout_groups: list[str] = field(default_factory=lambda: ["medium", "few"])   # as longtail.synthesis.groups
-    heldout_per_class: int = 20                   # as longtail.synthesis.images_per_class
-
-    def __post_init__(self):
-        for g in self.heldout_groups:
-            if g not in GROUPS:
-                raise unknown_error("unknown shot group", g, GROUPS)
-        if self.heldout_per_class < 1:
-            raise ValueError(f"heldout_per_class must be >= 1, got {self.heldout_per_class}")
 
     @property
     def spec_path(self) -> Path:
@@ -109,45 +97,22 @@ def build_source(p: MiniLongTailParams) -> LongTailSpec:
                         images_per_split={s: sum(counts[s]) for s in SPLITS}, images_per_class=per_class,
                         many_shot_threshold=many, few_shot_threshold=few, image_size=int(images.shape[-1]))
     write_json(tmp / "spec.json", spec.to_json())
-    heldout, held = write_heldout(p, dict(zip(DIGIT_NAMES, counts["train"])), many, few)
+    images, labels = load_split(p.mini_data, "references")
+    held = {}
+    for img, y in zip(images, labels.tolist()):  # unlisted: the heldout stage's candidates
+        c = DIGIT_NAMES[y]
+        k = held[c] = held.get(c, -1) + 1
+        (tmp / "images" / "heldout" / c).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(tmp / "images" / "heldout" / c / f"{c}_heldout_{k:04d}.png")
     write_json(tmp / "source.json", {"mini_data": p.mini_data, "train_images_per_class": dict(zip(DIGIT_NAMES, counts["train"])),
                                      "threshold_rule": f"ImageNet-LT's cut points {MANY_SHOT_THRESHOLD} / {FEW_SHOT_THRESHOLD} over "
                                      f"{IMAGENET_LT_RANGE[0]}..{IMAGENET_LT_RANGE[1]} at the same relative log-count positions",
-                                     "heldout": {"dir": p.heldout_dir, "split": "references", "images_per_class": held}})
-    for final, staged in ((out, tmp), (Path(p.heldout_dir), heldout)):
-        if final.exists():
-            shutil.rmtree(final)
-        staged.rename(final)
+                                     "unlisted": {"images/heldout": "the mini world's references split",
+                                                  "images_per_class": {c: n + 1 for c, n in held.items()}}})
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
     return spec
-
-
-def write_heldout(p: MiniLongTailParams, train_counts: dict[str, int], many: int, few: int) -> tuple[Path, dict[str, int]]:
-    """Stage ``heldout_per_class`` images of the mini world's ``references`` split (disjoint from the
-    benchmark's splits) for each class in ``heldout_groups``; returns the staging folder and the counts."""
-    from PIL import Image
-
-    from benchmarks.mini.config import DIGIT_NAMES
-    from benchmarks.mini.data import load_split
-
-    out = Path(p.heldout_dir)
-    tmp = out.with_name(f".{out.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    images, labels = load_split(p.mini_data, "references")
-    held = {}
-    for c, n in train_counts.items():
-        if shot_group(n, many, few) not in p.heldout_groups:
-            continue
-        rows = (labels == DIGIT_NAMES.index(c)).nonzero().flatten().tolist()
-        if len(rows) < p.heldout_per_class:
-            raise ValueError(f"{p.mini_data}: class {c} has {len(rows)} held-out (references) images, "
-                             f"heldout_per_class is {p.heldout_per_class}")
-        (tmp / c).mkdir()
-        for k, i in enumerate(rows[:p.heldout_per_class]):
-            Image.fromarray(images[i].permute(1, 2, 0).numpy()).save(tmp / c / f"{c}_heldout_{k:04d}.png")
-        held[c] = p.heldout_per_class
-    return tmp, held
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = build_source(p)
     except (FileNotFoundError, UnknownNameError, ValueError) as e:  # bad input: one line, exit 2
         parser.exit(2, f"error: {e}\n")
-    print(json.dumps({"spec": str(p.spec_path), "heldout": p.heldout_dir, "images_per_split": spec.images_per_split,
+    print(json.dumps({"spec": str(p.spec_path), "images_per_split": spec.images_per_split,
                       "many_shot_threshold": spec.many_shot_threshold, "few_shot_threshold": spec.few_shot_threshold}))
     return 0
 

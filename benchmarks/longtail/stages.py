@@ -1,4 +1,4 @@
-"""The long-tail benchmark as DVC stages: data -> synthesize -> train -> evaluate -> report.
+"""The long-tail benchmark as DVC stages: data -> heldout -> synthesize -> train -> evaluate -> report.
 
 ``python -m benchmarks.longtail <stage> --params params.yaml [--section longtail] [--benchmark NAME]``.
 Each stage reads its settings from one params.yaml section (:class:`LongTailParams`), works per
@@ -7,7 +7,9 @@ finished work.
 
 Methods: ``real`` (the long-tailed training set alone), every method of ``synthesis.methods`` (the
 real set plus the images the synthesize stage generated for the rare classes, read from its manifest)
-and every key of ``extra_images`` (the real set plus the images in ``<folder>/<class>/``). Each method is trained with every loss and every seed;
+every key of ``extra_images`` (the real set plus the images in ``<folder>/<class>/``) and, when
+``heldout.images_per_class`` > 0, ``real-heldout`` (the real set plus real training images of the rare
+classes that no list holds, :mod:`benchmarks.longtail.heldout`). Each method is trained with every loss and every seed;
 each (method, loss, seed) is a classifier trained from scratch. The logit-adjusted loss's tau and
 prior (``prior``: the label counts of all training images, or of the real ones only) are chosen from
 ``tau`` x ``prior`` by overall top-1 on the validation split of the first seed's classifiers (the
@@ -16,6 +18,7 @@ test split never chooses anything); the chosen pair then trains the other seeds.
 Layout (``D = <data_dir>/<benchmark>``, ``R = <results_dir>/<benchmark>``)::
 
     D/lists/, D/images/, D/prepared/{train,val,test}.csv        downloaded train list, images extracted from tars (data)
+    D/heldout/<class>/*, D/heldout/heldout.json                   unlisted real images of the rare classes (heldout)
     D/synthesis.csv, D/synthetic/<method>/<class>/*.png           the manifest and its images               (synthesize)
     D/runs/<method>-<loss>[-tau<t>[-realprior]]-<recipe>/seed<k>/ model, predictions, resolved config           (train)
     R/accuracy.csv, R/per_class.csv, R/hparams.json                                                            (evaluate)
@@ -37,7 +40,7 @@ from benchmarks import distributed
 from benchmarks.fewshot import synthesis as fewshot_synthesis
 from benchmarks.fewshot.registry import UnknownNameError, unknown_error
 from benchmarks.fewshot.sampling import SupportSet
-from benchmarks.longtail import data, evaluation, reports, synthesis, training
+from benchmarks.longtail import data, evaluation, heldout, reports, synthesis, training
 from benchmarks.longtail.registry import SPLITS, LongTailSpec, get_benchmark, with_train_list
 from benchmarks.mini.common import set_threads
 from benchmarks.params import load_section
@@ -45,7 +48,7 @@ from benchmarks.worksharing import ClaimBoard
 from pipelines.io import atomic_path, load_whole, save_tensors, write_json
 
 log = logging.getLogger("benchmarks.longtail")
-STAGES = ("data", "synthesize", "train", "evaluate", "report")
+STAGES = ("data", "heldout", "synthesize", "train", "evaluate", "report")
 REAL_ONLY = "real"
 # whose label counts make the logit-adjusted loss's prior: every training image, generated ones included
 # (Menon et al.'s training label distribution), or the real ones only (generated images then widen a rare
@@ -70,6 +73,7 @@ class LongTailParams:
     prior: list[str] = field(default_factory=lambda: ["all"])   # logit-adjusted loss (PRIORS); > 1 value: chosen on val
     extra_images: dict[str, str] = field(default_factory=dict)  # method -> folder of <class>/<image> files
     synthesis: synthesis.SynthesisParams = field(default_factory=synthesis.SynthesisParams)
+    heldout: heldout.HeldoutParams = field(default_factory=heldout.HeldoutParams)
     train: training.TrainConfig = field(default_factory=training.TrainConfig)
     progress: bool = True
     # the synthesize and train stages' command prefix in dvc.yaml (e.g. accelerate launch ...): synthesis
@@ -90,13 +94,16 @@ class LongTailParams:
             raise ValueError(f"seeds must be at least 3 distinct values (the interval is over seeds), got {self.seeds}")
         if REAL_ONLY in self.extra_images or REAL_ONLY in self.synthesis.methods:
             raise ValueError(f"extra_images / synthesis.methods: {REAL_ONLY!r} is the method without extra images")
+        if heldout.METHOD in self.extra_images or heldout.METHOD in self.synthesis.methods:
+            raise ValueError(f"extra_images / synthesis.methods: {heldout.METHOD!r} is the method of heldout.images_per_class")
         both = sorted(set(self.extra_images) & set(self.synthesis.methods))
         if both:
             raise ValueError(f"method {both[0]!r} is both in extra_images and in synthesis.methods")
 
     @property
     def methods(self) -> list[str]:
-        return [REAL_ONLY] + list(self.synthesis.methods) + sorted(self.extra_images)
+        return ([REAL_ONLY] + list(self.synthesis.methods) + sorted(self.extra_images)
+                + ([heldout.METHOD] if self.heldout.images_per_class else []))
 
 
 class Run:
@@ -145,7 +152,15 @@ class Run:
                                                 "run the synthesize stage")
                     out.setdefault(r.class_name, []).append(Path(r.path))
             return out
+        if method == heldout.METHOD:
+            if not (self.heldout_dir / heldout.RECORD).is_file():
+                raise FileNotFoundError(f"{self.heldout_dir}: no held-out images; run the heldout stage")
+            return synthesis.images_in_folder(self.heldout_dir, self.spec.classes)
         return synthesis.images_in_folder(self.p.extra_images[method], self.spec.classes)
+
+    @property
+    def heldout_dir(self) -> Path:
+        return self.dir / "heldout"
 
     def run_dir(self, method: str, loss: str, tau: float, extra, prior: str = "all") -> Path:
         recipe = {k: v for k, v in dataclasses.asdict(self.p.train).items() if k not in _NOT_RECIPE}
@@ -166,6 +181,21 @@ def stage_data(run: Run) -> None:
         raise ValueError(f"image_roots has no entry for {run.spec.name!r}: give the folder holding its source images")
     data.prepare(run.spec, root, run.dir / "prepared", cache_dir=run.dir / "lists", check_images=run.p.check_images,
                  progress=run.p.progress)
+
+
+def stage_heldout(run: Run) -> None:
+    """Copy ``heldout.images_per_class`` unlisted real training images of each class of
+    ``heldout.groups`` (an empty folder when 0: the source is not read)."""
+    hp, spec = run.p.heldout, run.spec
+    counts = dict(zip(spec.classes, run.train_counts.tolist()))
+    wanted = synthesis.synthesis_plan(counts, hp.groups, images_per_class=hp.images_per_class,
+                                      many_threshold=spec.many_shot_threshold, few_threshold=spec.few_shot_threshold)
+    root = run.p.image_roots.get(spec.name) if wanted else None
+    if wanted and root is None:
+        raise ValueError(f"image_roots has no entry for {spec.name!r}: give the folder holding its source images")
+    lists = data.read_lists(spec, cache_dir=run.dir / "lists") if wanted else {s: [] for s in SPLITS}
+    keys = heldout.write_heldout(spec, lists, root, wanted, hp.seed, run.heldout_dir)
+    log.info("%s: %d held-out real images of %d classes", spec.name, sum(map(len, keys.values())), len(keys))
 
 
 def synthesis_supports(run: Run) -> tuple[list[SupportSet], dict[str, int]]:
@@ -336,6 +366,10 @@ def stage_report(run: Run) -> None:
         notes.append(f"Generated images ({', '.join(f'`{m}`' for m in sp.methods)}): the {' + '.join(sp.groups)}-shot classes get "
                      f"{amount}, from up to {sp.references_per_class} references drawn from the class's own training images; "
                      f"classes are generated in contrast sets of up to {sp.contrast_size} (SeedSelect's contrastive loss).")
+    if run.p.heldout.images_per_class:
+        notes.append(f"`{heldout.METHOD}`: the real training set plus {run.p.heldout.images_per_class} real training images "
+                     f"of each {' + '.join(run.p.heldout.groups)}-shot class that no list holds (chosen by a keyed hash, "
+                     f"{run.heldout_dir / heldout.RECORD}): what new real images buy, the bar for generated ones.")
     for method, folder in sorted(run.p.extra_images.items()):
         counts = {c: len(ps) for c, ps in synthesis.images_in_folder(folder, run.spec.classes).items() if ps}
         amount = f"{next(iter(counts.values()))} each" if len(set(counts.values())) == 1 else "; ".join(f"{c} {n}" for c, n in counts.items())
@@ -345,7 +379,7 @@ def stage_report(run: Run) -> None:
                          methods=run.p.methods, notes=notes)
 
 
-STAGE_FUNCS = {"data": stage_data, "synthesize": stage_synthesize, "train": stage_train, "evaluate": stage_evaluate, "report": stage_report}
+STAGE_FUNCS = {"data": stage_data, "heldout": stage_heldout, "synthesize": stage_synthesize, "train": stage_train, "evaluate": stage_evaluate, "report": stage_report}
 
 
 def main(argv: list[str] | None = None) -> int:
