@@ -198,6 +198,16 @@ def test_cli_reports_bad_input_in_one_line_with_exit_2(fixture, tmp_path, capsys
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith(f"error: {bad}:") and "sha256" in err
+    # no source folder for the benchmark: the data stage names the setting; the heldout stage, run
+    # before it, names the stage to run
+    params.write_text(yaml.safe_dump({"longtail": {"benchmarks": [spec.name], "data_dir": str(tmp_path / "d"),
+                                                   "heldout": {"images_per_class": 1}, "progress": False}}))
+    expected = {"data": f"error: image_roots has no entry for {spec.name!r}: give the folder holding its source images",
+                "heldout": f"error: {tmp_path / 'd' / spec.name / 'prepared'}: no prepared {spec.name}; run the data stage first"}
+    for stage, message in expected.items():
+        with pytest.raises(SystemExit) as e:
+            stages.main([stage, "--params", str(params)])
+        assert e.value.code == 2 and capsys.readouterr().err.strip() == message
 
 
 def test_gpu_profiles_parse_into_the_typed_params():

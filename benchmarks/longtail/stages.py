@@ -162,6 +162,14 @@ class Run:
     def heldout_dir(self) -> Path:
         return self.dir / "heldout"
 
+    @property
+    def image_root(self) -> str:
+        """The local copy of the benchmark's source images (``image_roots``)."""
+        root = self.p.image_roots.get(self.spec.name)
+        if root is None:
+            raise ValueError(f"image_roots has no entry for {self.spec.name!r}: give the folder holding its source images")
+        return root
+
     def run_dir(self, method: str, loss: str, tau: float, extra, prior: str = "all") -> Path:
         recipe = {k: v for k, v in dataclasses.asdict(self.p.train).items() if k not in _NOT_RECIPE}
         recipe.update(loss=loss, tau=tau, lists={s: self.spec.lists[s].sha256 for s in SPLITS},
@@ -176,10 +184,7 @@ class Run:
 # --- stages --------------------------------------------------------------------------------------
 
 def stage_data(run: Run) -> None:
-    root = run.p.image_roots.get(run.spec.name)
-    if root is None:
-        raise ValueError(f"image_roots has no entry for {run.spec.name!r}: give the folder holding its source images")
-    data.prepare(run.spec, root, run.dir / "prepared", cache_dir=run.dir / "lists", check_images=run.p.check_images,
+    data.prepare(run.spec, run.image_root, run.dir / "prepared", cache_dir=run.dir / "lists", check_images=run.p.check_images,
                  progress=run.p.progress)
 
 
@@ -190,11 +195,8 @@ def stage_heldout(run: Run) -> None:
     counts = dict(zip(spec.classes, run.train_counts.tolist()))
     wanted = synthesis.synthesis_plan(counts, hp.groups, images_per_class=hp.images_per_class,
                                       many_threshold=spec.many_shot_threshold, few_threshold=spec.few_shot_threshold)
-    root = run.p.image_roots.get(spec.name) if wanted else None
-    if wanted and root is None:
-        raise ValueError(f"image_roots has no entry for {spec.name!r}: give the folder holding its source images")
     lists = data.read_lists(spec, cache_dir=run.dir / "lists") if wanted else {s: [] for s in SPLITS}
-    keys = heldout.write_heldout(spec, lists, root, wanted, hp.seed, run.heldout_dir)
+    keys = heldout.write_heldout(spec, lists, run.image_root if wanted else None, wanted, hp.seed, run.heldout_dir)
     log.info("%s: %d held-out real images of %d classes", spec.name, sum(map(len, keys.values())), len(keys))
 
 
