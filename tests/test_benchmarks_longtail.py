@@ -384,7 +384,7 @@ def test_extra_images_join_the_training_set_under_their_class(tmp_path):
 
 # --- end to end ----------------------------------------------------------------------------------
 
-def test_tiny_train_evaluate_report_through_the_cli(fixture, tmp_path, caplog):
+def test_tiny_train_evaluate_report_through_the_cli(fixture, tmp_path, caplog, capsys):
     """data -> train -> evaluate -> report on the fixture: 3 seeds x (CE, logit adjustment with tau and
     prior chosen on val from two values each) plus one extra-image method, a tiny timm model, 1 epoch."""
     spec, lists, _ = fixture
@@ -461,6 +461,14 @@ def test_tiny_train_evaluate_report_through_the_cli(fixture, tmp_path, caplog):
     with np.load(victim) as z:
         assert saved.keys() == set(z.files) and all(np.array_equal(saved[k], z[k]) for k in saved)
     assert {p: p.stat().st_mtime_ns for p in before if p != victim} == {p: t for p, t in before.items() if p != victim}
+    # a damaged extra image (the user's folder): one line naming it, the file left as it is
+    bad = gen / WNIDS[3] / "1.png"
+    bad.write_bytes(bad.read_bytes()[:40])
+    with pytest.raises(SystemExit) as e:
+        stages.main(["train", "--params", str(params)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and bad.stat().st_size == 40
+    assert "\n" not in err and err.startswith(f"error: {bad}: image does not decode"), err
 
 
 # --- mini-lt: the miniature world's corpus, synthesis for the rare classes on tiny models ----------

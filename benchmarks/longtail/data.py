@@ -263,7 +263,7 @@ def _decode_problem(path: Path) -> str | None:
     return None
 
 
-def _undecodable(paths: list[Path], progress: bool, name: str) -> list[str]:
+def undecodable(paths: list[Path], progress: bool, name: str) -> list[str]:
     """Decode every image (threads: PIL releases the GIL while decoding); the problems found."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -291,7 +291,7 @@ def prepare(spec: LongTailSpec, image_root: str | Path, out_dir: str | Path, cac
     entries = read_lists(spec, cache_dir)
     found = find_images(spec, entries, image_root, out_dir.parent / "images", progress)
     if check_images:
-        problems = _undecodable(sorted(set(found.values())), progress, spec.name)
+        problems = undecodable(sorted(set(found.values())), progress, spec.name)
         if problems:
             raise DatasetIntegrityError(f"{spec.name}: {len(problems)} images do not decode, e.g. {problems[0]}")
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")

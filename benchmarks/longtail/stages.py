@@ -155,8 +155,17 @@ class Run:
         if method == heldout.METHOD:
             if not (self.heldout_dir / heldout.RECORD).is_file():
                 raise FileNotFoundError(f"{self.heldout_dir}: no held-out images; run the heldout stage")
-            return synthesis.images_in_folder(self.heldout_dir, self.spec.classes)
-        return synthesis.images_in_folder(self.p.extra_images[method], self.spec.classes)
+            return self._decoded(synthesis.images_in_folder(self.heldout_dir, self.spec.classes),
+                                 "; run the heldout stage again")
+        return self._decoded(synthesis.images_in_folder(self.p.extra_images[method], self.spec.classes))
+
+    def _decoded(self, images: dict[str, list[Path]], hint: str = "") -> dict[str, list[Path]]:
+        """``images`` if every one decodes: a damaged file would otherwise stop training mid-epoch.
+        Nothing is removed (a folder of extra images is the user's)."""
+        problems = data.undecodable([p for ps in images.values() for p in ps], self.p.progress, self.spec.name)
+        if problems:
+            raise ValueError(problems[0] + (f" ({len(problems) - 1} more)" if len(problems) > 1 else "") + hint)
+        return images
 
     @property
     def heldout_dir(self) -> Path:
