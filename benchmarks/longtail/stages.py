@@ -138,7 +138,9 @@ class Run:
     def manifest_path(self) -> Path:
         return self.dir / "synthesis.csv"
 
-    def extra(self, method: str) -> dict[str, list[Path]] | None:
+    def extra(self, method: str, decode: bool = False) -> dict[str, list[Path]] | None:
+        """``class -> extra images`` of a method (None for real-only); ``decode``: check that the images of
+        a folder (extra_images, heldout) decode, as training is about to read them."""
         if method == REAL_ONLY:
             return None
         if method in self.p.synthesis.methods:
@@ -155,9 +157,10 @@ class Run:
         if method == heldout.METHOD:
             if not (self.heldout_dir / heldout.RECORD).is_file():
                 raise FileNotFoundError(f"{self.heldout_dir}: no held-out images; run the heldout stage")
-            return self._decoded(synthesis.images_in_folder(self.heldout_dir, self.spec.classes),
-                                 "; run the heldout stage again")
-        return self._decoded(synthesis.images_in_folder(self.p.extra_images[method], self.spec.classes))
+            images, hint = synthesis.images_in_folder(self.heldout_dir, self.spec.classes), "; run the heldout stage again"
+        else:
+            images, hint = synthesis.images_in_folder(self.p.extra_images[method], self.spec.classes), ""
+        return self._decoded(images, hint) if decode else images
 
     def _decoded(self, images: dict[str, list[Path]], hint: str = "") -> dict[str, list[Path]]:
         """``images`` if every one decodes: a damaged file would otherwise stop training mid-epoch.
@@ -297,7 +300,7 @@ def _selection(run: Run, val_preds: dict[tuple[float, str], np.ndarray]) -> tupl
 def _method_loss(run: Run, method: str, loss: str, train: bool) -> tuple[tuple[float, str], list[dict], dict[int, dict]]:
     """(chosen (tau, prior), validation table, predictions per seed) of one method and loss, training
     what is missing if ``train`` (else a missing run is an error)."""
-    extra = run.extra(method)
+    extra = run.extra(method, decode=train)   # evaluating reads predictions, not images
     real = run.splits["train"]
     paths, labels = training.training_items(real.paths, real.labels, run.spec.classes, extra)
 
