@@ -195,21 +195,28 @@ class _Search:
                 return key
         return None
 
-    def scan_tar(self, fileobj=None, name: str | None = None) -> None:
-        """Stream a tar (nested tars too, as in ILSVRC2012_img_train.tar) and extract wanted images."""
-        with tarfile.open(name=name, fileobj=fileobj, mode="r|*") as tar:
-            for member in tar:
-                if not self.wanted:
-                    return
-                if not member.isfile():
-                    continue
-                if _is_tar(member.name):
-                    self.scan_tar(fileobj=tar.extractfile(member))
-                    continue
-                key = self.offer(member.name.split("/")) if _is_image(member.name) else None
-                if key is not None:
-                    rel = self.wanted.pop(key)
-                    self.found[key] = write_bytes(self.extract_dir / rel, tar.extractfile(member).read())
+    def scan_tar(self, name: str) -> None:
+        """Stream a tar and extract wanted images."""
+        for parts, read in tar_images(name):
+            if not self.wanted:
+                return
+            key = self.offer(parts)
+            if key is not None:
+                rel = self.wanted.pop(key)
+                self.found[key] = write_bytes(self.extract_dir / rel, read())
+
+
+def tar_images(name: str | None = None, fileobj=None):
+    """``(path parts, read)`` of every image in a streamed tar, nested tars too (ILSVRC2012_img_train.tar
+    holds one tar per wnid); ``read()`` returns the image's bytes and is valid until the next item."""
+    with tarfile.open(name=name, fileobj=fileobj, mode="r|*") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            if _is_tar(member.name):
+                yield from tar_images(fileobj=tar.extractfile(member))
+            elif _is_image(member.name):
+                yield member.name.split("/"), (lambda m=member: tar.extractfile(m).read())
 
 
 def find_images(spec: LongTailSpec, entries: dict[str, list[tuple[str, int]]], root: str | Path,

@@ -17,13 +17,12 @@ import hashlib
 import heapq
 import os
 import shutil
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
 from benchmarks.fewshot.registry import unknown_error
-from benchmarks.longtail.data import SPLITS, _is_image, _is_tar, entry_key, source_keys
+from benchmarks.longtail.data import SPLITS, _is_image, _is_tar, entry_key, source_keys, tar_images
 from benchmarks.longtail.evaluation import GROUPS
 from benchmarks.longtail.registry import LongTailSpec
 from pipelines.io import write_bytes, write_json
@@ -90,15 +89,10 @@ class _Chooser:
         else:
             heapq.heapreplace(heap, item)
 
-    def scan_tar(self, fileobj=None, name: str | None = None) -> None:
-        with tarfile.open(name=name, fileobj=fileobj, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                if _is_tar(member.name):
-                    self.scan_tar(fileobj=tar.extractfile(member))
-                elif _is_image(member.name) and (hit := self.candidate(member.name.split("/"))):
-                    self.add(*hit, tar.extractfile(member).read())
+    def scan_tar(self, name: str) -> None:
+        for parts, read in tar_images(name):
+            if hit := self.candidate(parts):
+                self.add(*hit, read())
 
 
 def choose(spec: LongTailSpec, lists: Mapping[str, list[tuple[str, int]]], root: str | Path,
