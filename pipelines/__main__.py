@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--class-name", dest="prompt", action="append", help="class name (dct: a label of --classifier)")
     what.add_argument("--concepts", type=Path, help="CSV with a header prompt,refs: one concept per row")
     g.add_argument("--refs", type=Path, action="append", help="folder of reference images (one per --prompt)")
+    g.add_argument("--negative-refs", type=Path, action="append", default=[], metavar="FOLDER",
+                   help="seedselect / nao-seedselect: reference images of a concept to push the images from "
+                        "without making any of it (its centroid joins the contrastive loss); repeatable")
     g.add_argument("--out", type=Path, required=True, help="output folder")
     g.add_argument("--num-images", type=int, default=1)
     g.add_argument("--preset", default="reference", choices=["reference", "fast"])
@@ -203,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         per_concept = generate_concepts(
             method.name, concepts, args.out, args.num_images, settings, args.seed,
             preset=args.preset, model=args.model, image_encoder=args.image_encoder, device=args.device,
-            dtype=args.dtype, cache_dir=args.cache_dir, progress=not args.no_progress)
+            dtype=args.dtype, cache_dir=args.cache_dir, progress=not args.no_progress, negatives=args.negative_refs)
     except (FileNotFoundError, NotADirectoryError, ValueError, NonFiniteLossError, HubUnavailableError,
             ArtifactWriteError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -4,8 +4,8 @@ method, as files.
 Artifacts (all written atomically, never overwritten), per concept, named
 ``{method}-{run}-{index:05d}.{png,json,safetensors}`` where ``run`` hashes everything that decides the
 concept's images (method, resolved settings, model ids, prompt, reference content, base seed and,
-when a loss contrasts the call's concepts, every concept of the contrast set). A rerun with the same
-inputs skips finished images; any change gives new names. Beside them:
+when a loss contrasts the call's concepts, every concept of the contrast set, negatives included). A
+rerun with the same inputs skips finished images; any change gives new names. Beside them:
 ``{method}-{run}.config.json`` (the resolved configuration) and ``{method}-{run}.contact.png``
 (references above the generated images). One concept writes into ``out_dir``; several write into
 ``out_dir/<concept>/`` each.
@@ -106,7 +106,7 @@ def resolve_settings(method, settings: Any, preset: str, device: str, dtype: str
 
 
 def contrasts(method, settings, n_concepts: int) -> bool:
-    """Whether a concept's images depend on the call's other concepts (the contrastive loss)."""
+    """Whether a concept's images depend on the call's other (or negative) concepts: the contrastive loss."""
     return method.needs_image_encoder and n_concepts > 1 and getattr(settings, "semantic_loss", "") == "contrastive"
 
 
@@ -116,7 +116,7 @@ def generate_concepts(method: str, concepts: Sequence[Concept | tuple], out_dir:
                       image_encoder: str | os.PathLike | None = DEFAULT_IMAGE_ENCODER_ID,
                       device: str | None = None, dtype: str | None = None, components: Components | None = None,
                       cache_dir: str | os.PathLike | None = None, progress: bool = True,
-                      concept_dirs: bool | None = None) -> list[list["ImageRecord"]]:
+                      concept_dirs: bool | None = None, negatives: Sequence[Any] = ()) -> list[list["ImageRecord"]]:
     """Generate images 0..num_images-1 of each concept in one call of the method's pipeline (so that
     SeedSelect-type methods contrast them); returns, per concept, the JSON records of its images
     (finished ones reused) in index order, as :class:`ImageRecord` dicts with ``.path`` / ``.save``.
@@ -126,8 +126,11 @@ def generate_concepts(method: str, concepts: Sequence[Concept | tuple], out_dir:
     (``model``/``image_encoder`` are then only used as ids when the components carry none). Reference
     encodings, inversions, NAO paths and DCT tokens are cached in ``cache_dir`` (default
     ``out_dir/cache``). ``concept_dirs`` (default: when there are several concepts) writes each
-    concept into ``out_dir/<concept>/``. Nothing is written before the first image is made, so a model
-    or classifier that cannot be loaded leaves the output folder untouched."""
+    concept into ``out_dir/<concept>/``. ``negatives``: reference sets (a folder or a list of images
+    each) of concepts the contrastive loss pushes every image from without generating them
+    (SeedSelect and NAO-SeedSelect with ``semantic_loss="contrastive"``; other methods refuse them).
+    Nothing is written before the first image is made, so a model or classifier that cannot be
+    loaded leaves the output folder untouched."""
     m = get_method(method)
     device = device or default_device()
     settings = resolve_settings(m, settings, preset, device, dtype)
@@ -153,8 +156,14 @@ def generate_concepts(method: str, concepts: Sequence[Concept | tuple], out_dir:
             else str(image_encoder)
     prompts = [format_prompt(c.prompt, settings.prompt_template) for c in concepts]
     ref_ids = [[{"name": r.name, "sha256": r.content_hash} for r in refs] for refs in references]
+    if isinstance(negatives, (str, os.PathLike)):
+        raise TypeError("negatives takes one reference set per negative concept, not a single folder")
+    contrastive = contrasts(m, settings, len(concepts) + len(negatives))
+    if negatives and not contrastive:
+        raise ValueError(f"negative concepts enter only a contrastive loss; {m.name} with these settings has none")
+    negative_refs = [load_reference_images(refs) for refs in negatives]
     contrast = [{"prompt": p, "references": [r["sha256"] for r in ids]} for p, ids in zip(prompts, ref_ids)] \
-        if contrasts(m, settings, len(concepts)) else []
+        + [{"negative": [r.content_hash for r in refs]} for refs in negative_refs] if contrastive else []
     base = {"method": m.name, "settings": dataclasses.asdict(settings), "model_id": model_id,
             "image_encoder_id": enc_id or None, "seed": seed}
     # references enter the run name only for methods that use them (sd shows them on the sheet only)
@@ -200,6 +209,8 @@ def generate_concepts(method: str, concepts: Sequence[Concept | tuple], out_dir:
             bar.update(1)
 
         try:
+            if negative_refs:
+                extra["negative_reference_images"] = negative_refs
             pipe(prompts, [refs or None for refs in references], image_indices=todo, seed=seed, settings=settings,
                  cache_dir=cache_dir, callback=save, progress=progress, **extra)
         finally:

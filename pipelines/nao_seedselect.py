@@ -122,11 +122,11 @@ class NaoSeedSelectPipeline(SeedSelectPipeline):
 
     def __call__(self, prompt, reference_images=None, num_images_per_prompt: int = 1, *,
                  settings: NaoSeedSelectSettings | None = None, generator: torch.Generator | None = None,
-                 seed: int | None = None, image_indices=None, output_type: str = "pil",
+                 seed: int | None = None, image_indices=None, negative_reference_images=None, output_type: str = "pil",
                  cache_dir: str | os.PathLike | None = None, callback=None, progress: bool = True,
                  return_dict: bool = True, **overrides):
         """Images of each concept from the interior points of its NAO paths (see the module docstring);
-        the call shape and output are SeedSelect's."""
+        the call shape (``negative_reference_images`` included) and output are SeedSelect's."""
         plan = self.plan(prompt, reference_images, num_images_per_prompt, image_indices, generator, seed,
                          settings, **overrides)
         s = plan.settings
@@ -141,7 +141,8 @@ class NaoSeedSelectPipeline(SeedSelectPipeline):
                 raise ValueError(f"NAO-SeedSelect offers {len(starts[c])} starting seeds for {plan.prompts[c]!r} "
                                  f"({len(plan.references[c])} references x {s.n_points - 2} interior path points); "
                                  f"asked for image index {i}. Raise n_points or add references.")
-        contrast = self.contrast_set(plan.prompts, [encode_references(self, r, cache_dir) for r in plan.references], s)
+        contrast = self.contrast_set(plan.prompts, [encode_references(self, r, cache_dir) for r in plan.references], s,
+                                     self.encode_negatives(negative_reference_images, cache_dir))
         results: dict[tuple[int, int], ImageResult] = {}
         for chunk in chunks(plan.pairs, s.batch_size):
             res = self.optimize(torch.stack([starts[c][i] for c, i in chunk]), [contrast.target(c) for c, _ in chunk],

@@ -6,6 +6,7 @@ import hashlib
 import logging
 import os
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -28,7 +29,7 @@ class ReferenceImage:
     name: str
     image: Image.Image  # RGB
 
-    @property
+    @cached_property  # hashed once, however many calls contrast with it
     def content_hash(self) -> str:
         h = hashlib.sha256(f"{self.image.size}".encode())
         h.update(self.image.tobytes())

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -42,7 +43,7 @@ from tqdm.auto import tqdm
 from .base import ConceptPipeline, ImageResult, chunks
 from .imaging import clip_embed, clip_preprocess, decode_latents, to_pil
 from .prompts import encode_prompts
-from .references import ReferenceEncodings, encode_references
+from .references import ReferenceEncodings, encode_references, load_reference_images
 from .sampling import denoise, derive_seed, random_seeds
 
 log = logging.getLogger(__name__)
@@ -266,13 +267,27 @@ class SeedSelectPipeline(ConceptPipeline):
 
     # ------------------------------------------------------------------------------- targets
     def contrast_set(self, prompts: Sequence[str], encodings: Sequence[ReferenceEncodings],
-                     settings: SeedSelectSettings) -> "ContrastSet":
-        """The concepts of one call: their text embeddings and unit centroids; the contrastive loss runs
-        across them when there are several and ``settings.semantic_loss`` says so."""
+                     settings: SeedSelectSettings, negatives: Sequence[ReferenceEncodings] = ()) -> "ContrastSet":
+        """The concepts of one call: their text embeddings and unit centroids, followed by the centroids
+        of the ``negatives`` (concepts contrasted but not generated); the contrastive loss runs across
+        them all when there are several and ``settings.semantic_loss`` says so."""
+        if negatives and settings.semantic_loss != "contrastive":
+            raise ValueError("negative reference images enter only the contrastive loss; "
+                             f"semantic_loss is {settings.semantic_loss!r}")
         emb = encode_prompts(self, list(prompts)).to(self.compute_dtype)
-        centroids = torch.stack([e.clip_centroid() for e in encodings])
-        contrastive = settings.semantic_loss == "contrastive" and len(prompts) > 1
+        centroids = torch.stack([e.clip_centroid() for e in [*encodings, *negatives]])
+        contrastive = settings.semantic_loss == "contrastive" and len(centroids) > 1
         return ContrastSet(emb, list(encodings), centroids if contrastive else None)
+
+    def encode_negatives(self, negative_reference_images, cache_dir: str | os.PathLike | None
+                         ) -> list[ReferenceEncodings]:
+        """Encodings of the negative concepts: one reference set (a folder or a list of images) each."""
+        if negative_reference_images is None:
+            return []
+        if isinstance(negative_reference_images, (str, os.PathLike)):
+            raise TypeError("negative_reference_images takes one reference set per negative concept "
+                            "(a list of folders or of image lists), not a single folder")
+        return [encode_references(self, load_reference_images(refs), cache_dir) for refs in negative_reference_images]
 
     def targets_for(self, prompt: str, encodings: ReferenceEncodings, count: int) -> list[Target]:
         """``count`` targets pulling towards one concept's references (the single-concept loss)."""
@@ -296,20 +311,23 @@ class SeedSelectPipeline(ConceptPipeline):
     def __call__(self, prompt: str | Sequence[str], reference_images=None, num_images_per_prompt: int = 1, *,
                  settings: SeedSelectSettings | None = None, generator: torch.Generator | None = None,
                  seed: int | None = None, image_indices=None, z_star: dict[int, torch.Tensor] | None = None,
-                 output_type: str = "pil", cache_dir: str | None = None, callback=None, progress: bool = True,
-                 return_dict: bool = True, **overrides):
+                 negative_reference_images=None, output_type: str = "pil", cache_dir: str | None = None,
+                 callback=None, progress: bool = True, return_dict: bool = True, **overrides):
         """``num_images_per_prompt`` images of each concept in ``prompt`` (a string or a list), each from
         its reference images (``reference_images``: one folder / list of images, or one per prompt).
 
         Image i starts from seed ``seed + i``. With ``settings.bootstrap``, image 0 of each concept is z*
         (all references, all iterations) and image i > 0 starts near z* with its own bootstrap resample
         of the references and ``bootstrap_iterations`` iterations; ``z_star`` ({concept: seed}) passes
-        finished z* seeds in. Several seeds (of any concepts) are optimised per batch;
+        finished z* seeds in. ``negative_reference_images`` (one reference set per concept) adds concepts
+        that are contrasted but not generated: each image is pushed from their centroids too, e.g. the
+        other classes a downstream classifier must tell it from. Several seeds (of any concepts) are optimised per batch;
         ``callback(ImageResult)`` is called for every image as soon as its batch is done."""
         plan = self.plan(prompt, reference_images, num_images_per_prompt, image_indices, generator, seed,
                          settings, **overrides)
         s = plan.settings
-        contrast = self.contrast_set(plan.prompts, [encode_references(self, r, cache_dir) for r in plan.references], s)
+        contrast = self.contrast_set(plan.prompts, [encode_references(self, r, cache_dir) for r in plan.references], s,
+                                     self.encode_negatives(negative_reference_images, cache_dir))
         results: dict[tuple[int, int], ImageResult] = {}
 
         def run(pairs, seeds, targets, iterations=None):

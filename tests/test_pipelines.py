@@ -271,6 +271,29 @@ def test_several_concepts_in_one_call_diffusers_style(seedselect):
         seedselect(["a cat", "a dog"], [_refs(0)], 1, seed=0, **kw)
 
 
+def test_negative_concepts_enter_the_contrastive_loss_as_centroids(seedselect, encodings):
+    other = ReferenceEncodings(clip=-encodings.clip, latents=-encodings.latents)
+    target = seedselect.contrast_set(["a cat"], [encodings], SeedSelectSettings(), [other]).target(0)
+    assert target.label == 0 and target.clip_centroids.shape[0] == 2   # one concept, yet contrastive
+    pair = seedselect.contrast_set(["a cat", "a dog"], [encodings, other], SeedSelectSettings())
+    torch.testing.assert_close(target.clip_centroids, pair.target(0).clip_centroids)
+    with pytest.raises(ValueError, match="only the contrastive loss"):
+        seedselect.contrast_set(["a cat"], [encodings], SeedSelectSettings(semantic_loss="per_concept"), [other])
+
+
+def test_negative_reference_images_push_the_images_without_adding_any(seedselect):
+    kw = dict(num_inference_steps=2, iterations=1, last_k_weights=(1.0,), batch_size=2, progress=False)
+    alone = seedselect("a cat", _refs(0), 2, seed=3, **kw)
+    pushed = seedselect("a cat", _refs(0), 2, seed=3, negative_reference_images=[_refs(5)], **kw)
+    assert [r["prompt"] for r in pushed.records] == ["a cat"] * 2
+    assert not torch.allclose(pushed.seeds, alone.seeds, rtol=1e-4, atol=1e-5)
+    # a negative acts as a concept of the call that has no images to make
+    both = seedselect(["a cat", "a dog"], [_refs(0), _refs(5)], seed=3, image_indices={0: [0, 1], 1: []}, **kw)
+    torch.testing.assert_close(pushed.seeds, both.seeds, rtol=1e-4, atol=1e-5)
+    with pytest.raises(TypeError, match="one reference set per negative"):
+        seedselect("a cat", _refs(0), 1, seed=3, negative_reference_images="refs/", **kw)
+
+
 def test_bootstrap_runs_per_concept_inside_a_multi_concept_batch(seedselect):
     kw = dict(num_inference_steps=2, iterations=2, last_k_weights=(1.0,), bootstrap=True, bootstrap_iterations=1,
               batch_size=4, progress=False)
@@ -440,6 +463,14 @@ def test_cli_several_concepts_contrasted_in_one_run(folders, tmp_path):
     assert cli(args[:args.index("--prompt", args.index("--prompt") + 1)]) == 0
     assert len(list(out.glob("seedselect-*-00000.json"))) == 1   # one concept: straight into --out
     assert cli(base + ["--concepts", str(tmp_path / "nope.csv")]) == 2
+    # the lynx as a negative only: tiger images pushed from it, none of the lynx made
+    pushed = tmp_path / "pushed"
+    tiger_only = cli_args(folders, "seedselect", pushed, "--num-images", "1", "--iterations", "1", "--set",
+                          "last_k_weights=1", "--negative-refs", str(other))
+    assert cli(tiger_only) == 0
+    (record,) = [json.loads(p.read_text()) for p in pushed.glob("seedselect-*-00000.json")]
+    assert [sorted(c) for c in record["contrast_set"]] == [["prompt", "references"], ["negative"]]
+    assert not (pushed / "lynx").exists()
 
 
 def test_python_api_with_dict_settings(comps, tmp_path):
@@ -457,6 +488,24 @@ def test_python_api_with_dict_settings(comps, tmp_path):
         generate_concept("seedselect", "x", refs, tmp_path / "o2", 1, {"learning_rate": 1}, components=comps)
 
 
+def test_negatives_name_the_runs_and_only_a_contrastive_method_takes_them(comps, tmp_path):
+    from pipelines import generate_concept
+
+    kw = dict(seed=7, components=comps, device="cpu", progress=False)
+    ss = {"num_inference_steps": 2, "iterations": 1, "last_k_weights": (1.0,)}
+    plain = generate_concept("seedselect", "tiger cat", _refs(0), tmp_path / "ss", 1, ss, **kw)
+    pushed = generate_concept("seedselect", "tiger cat", _refs(0), tmp_path / "ss", 1, ss, negatives=[_refs(5)], **kw)
+    assert pushed[0]["run"] != plain[0]["run"] and "contrast_set" not in plain[0]
+    negs = load_reference_images(_refs(5))
+    assert pushed[0]["contrast_set"][-1] == {"negative": [r.content_hash for r in negs]}
+    assert not np.array_equal(np.asarray(pushed[0].image()), np.asarray(plain[0].image()))
+    # methods that contrast nothing refuse negatives rather than ignore them, before writing anything
+    for method, settings in (("sd", {"num_inference_steps": 2}), ("seedselect", {**ss, "semantic_loss": "per_concept"})):
+        with pytest.raises(ValueError, match="only a contrastive loss"):
+            generate_concept(method, "tiger cat", _refs(0), tmp_path / method, 1, settings, negatives=[_refs(5)], **kw)
+        assert not (tmp_path / method).exists()
+
+
 @pytest.mark.parametrize("case, message", [
     ("missing", "reference folder not found"),
     ("empty", "contains no images"),
@@ -465,6 +514,7 @@ def test_python_api_with_dict_settings(comps, tmp_path):
     ("nan", "not finite"),
     ("unknown_method", "unknown method"),
     ("bad_setting", "unknown setting"),
+    ("negatives_for_sd", "only a contrastive loss"),
 ])
 def test_cli_bad_input_is_a_clear_error(folders, tmp_path, capsys, case, message):
     refs = tmp_path / "refs"
@@ -475,10 +525,12 @@ def test_cli_bad_input_is_a_clear_error(folders, tmp_path, capsys, case, message
         refs.mkdir()
         noise_image(0).save(refs / "fine.png")
         (refs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    elif case in ("one_ref_nao", "nan", "unknown_method", "bad_setting"):
+    elif case in ("one_ref_nao", "nan", "unknown_method", "bad_setting", "negatives_for_sd"):
         refs.mkdir()
         noise_image(0).save(refs / "only.png")
-        method = {"one_ref_nao": "nao-seedselect", "unknown_method": "seedsearch"}.get(case, method)
+        method = {"one_ref_nao": "nao-seedselect", "unknown_method": "seedsearch", "negatives_for_sd": "sd"}.get(case, method)
+        if case == "negatives_for_sd":
+            extra = ["--negative-refs", str(refs)]
         if case == "nan":
             extra += ["--set", "semantic_weight=nan"]
         if case == "bad_setting":
