@@ -138,3 +138,28 @@ def test_settings_chosen_on_validation_classes_override_the_method_settings(tmp_
     assert gen.identity("seedselect")["settings"]["semantic_loss"] == "contrastive"
     with pytest.raises(FileNotFoundError, match="run the stage that writes it"):
         apply_selection(settings, tmp_path / "nope.json")
+
+
+def test_a_negatives_table_enters_the_identity_of_contrastive_methods_only(tmp_path):
+    from benchmarks.fewshot.synthesis import generation_identity, read_negatives, write_negatives
+    from PIL import Image
+
+    refs = []
+    for k in range(2):
+        refs.append(tmp_path / f"r{k}.png")
+        Image.new("RGB", (8, 8), (k * 100, 0, 0)).save(refs[-1])
+    table = write_negatives(tmp_path / "negatives.json", [("cat", [str(refs[0])]), ("dog", [str(refs[1])])])
+    settings = {"preset": "fast", "negatives": str(table)}
+    ss = generation_identity("seedselect", settings)
+    assert ss["negatives"] == read_negatives(table)["sha256"]
+    assert "negatives" not in generation_identity("sd", settings)
+    assert "negatives" not in generation_identity("seedselect", {**settings, "methods": {
+        "seedselect": {"semantic_loss": "per_concept"}}})
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(refs[1])   # same path, new content: a new identity
+    write_negatives(table, [("cat", [str(refs[0])]), ("dog", [str(refs[1])])])
+    assert generation_identity("seedselect", settings)["negatives"] != ss["negatives"]
+    table.write_text("{not json")
+    with pytest.raises(ValueError, match="negatives table .* is damaged"):
+        generation_identity("seedselect", settings)
+    with pytest.raises(FileNotFoundError, match="synthesize stage writes it"):
+        generation_identity("seedselect", {**settings, "negatives": str(tmp_path / "none.json")})

@@ -78,7 +78,7 @@ def register_generator(name: str, fn: Generator, overwrite: bool = False, contra
     _GENERATORS[name] = fn if contrast else per_concept(fn)
 
 
-CALL_KEYS = ("preset", "model", "image_encoder", "device", "dtype", "cache_dir", "work_dir")
+CALL_KEYS = ("preset", "model", "image_encoder", "device", "dtype", "cache_dir", "work_dir", "negatives")
 _SHARED_COMPONENTS: dict = {}
 
 
@@ -100,7 +100,9 @@ def shared_components(model: str, image_encoder: str | None, device: str, dtype:
 
 def generation_identity(method: str, settings: dict | None = None) -> dict:
     """What decides a pipeline method's images besides its inputs: the resolved settings dataclass,
-    the preset and the model ids (JSON-able; hashed into every image path)."""
+    the preset, the model ids and, for a contrastive method, the negatives table's content (JSON-able;
+    hashed into every image path)."""
+    from pipelines.generate import contrasts
     from pipelines.loading import DEFAULT_IMAGE_ENCODER_ID, DEFAULT_MODEL_ID
     from pipelines.registry import get_method
 
@@ -110,10 +112,35 @@ def generation_identity(method: str, settings: dict | None = None) -> dict:
     resolved = m.settings(preset, device, **((settings.get("methods") or {}).get(method) or {}))
     if settings.get("dtype"):
         resolved = dataclasses.replace(resolved, dtype=settings["dtype"])
-    return {"method": m.name, "preset": preset, "settings": dataclasses.asdict(resolved),
-            "model": str(settings.get("model") or DEFAULT_MODEL_ID),
-            "image_encoder": str(settings.get("image_encoder") or DEFAULT_IMAGE_ENCODER_ID)
-            if m.needs_image_encoder else None}
+    identity = {"method": m.name, "preset": preset, "settings": dataclasses.asdict(resolved),
+                "model": str(settings.get("model") or DEFAULT_MODEL_ID),
+                "image_encoder": str(settings.get("image_encoder") or DEFAULT_IMAGE_ENCODER_ID)
+                if m.needs_image_encoder else None}
+    if settings.get("negatives") and contrasts(m, resolved, 2):
+        identity["negatives"] = read_negatives(settings["negatives"])["sha256"]
+    return identity
+
+
+def write_negatives(path: str | Path, classes: list[tuple[str, list[str]]]) -> Path:
+    """The negatives table of a synthesize stage: ``(class, reference paths)`` of every class a
+    contrastive method pushes its images from (``negatives`` generation setting), with the
+    references' content hashes, so that changed images change the identity of what they shaped."""
+    table = [{"class": c, "references": [str(r) for r in refs], "sha256": [_file_digest(str(r)) for r in refs]}
+             for c, refs in classes]
+    return write_text_if_changed(path, json.dumps({"classes": table}, indent=1) + "\n")
+
+
+def read_negatives(path: str | Path) -> dict:
+    """``{"classes": [...], "sha256": <digest of the file>}``; a missing or damaged file is one line."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+        classes = json.loads(raw)["classes"]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"negatives table {path} not found (the synthesize stage writes it)") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"negatives table {path} is damaged ({e}); run the synthesize stage again") from None
+    return {"classes": classes, "sha256": hashlib.sha256(raw).hexdigest()[:16]}
 
 
 def pipeline_generator(method: str, settings: dict | None = None) -> Generator:
@@ -123,9 +150,12 @@ def pipeline_generator(method: str, settings: dict | None = None) -> Generator:
     ``device``, ``dtype``, ``cache_dir``), ``work_dir`` (where each group's run folder stays, so an
     interrupted group resumes image by image; default: a temporary folder) and ``methods: {method:
     {setting: value}}``, overrides of the method's settings dataclass on top of the preset (e.g.
-    ``prompt_template``, DCT's ``classifier``). Models are loaded once and shared by every method of
-    the process; ``cache_dir`` should outlive the call, so that reference encodings, inversions and DCT
-    class tokens are computed once per class rather than once per support set."""
+    ``prompt_template``, DCT's ``classifier``), and ``negatives``, a table (:func:`write_negatives`) of
+    classes that a contrastive method pushes every image from besides the group's own (the table's
+    classes whose references are a group concept's are that concept). Models and the negatives'
+    images are loaded once and shared by every method of the process; ``cache_dir`` should outlive the
+    call, so that reference encodings, inversions and DCT class tokens are computed once per class
+    rather than once per support set."""
     from pipelines.registry import get_method
 
     settings = dict(settings or {})
@@ -137,6 +167,21 @@ def pipeline_generator(method: str, settings: dict | None = None) -> Generator:
     m = get_method(method)
     preset, device, dtype = settings.get("preset", "reference"), settings.get("device"), settings.get("dtype")
     identity = generation_identity(method, {**settings, "methods": per_method})
+    negatives = read_negatives(settings["negatives"])["classes"] if "negatives" in identity else []
+    loaded: dict[tuple[str, ...], list] = {}
+
+    def negatives_for(concepts: list[tuple[str, list[Path]]]) -> list[list]:
+        from pipelines.references import load_reference_images
+
+        own = {tuple(str(r) for r in refs) for _, refs in concepts}
+        out = []
+        for entry in negatives:
+            key = tuple(entry["references"])
+            if key and key not in own:
+                if key not in loaded:
+                    loaded[key] = load_reference_images(list(key))
+                out.append(loaded[key])
+        return out
 
     def generate(concepts: list[tuple[str, list[Path]]], out_paths: list[list[Path]], seed: int) -> None:
         from pipelines.generate import Concept, default_device, generate_concepts
@@ -153,7 +198,8 @@ def pipeline_generator(method: str, settings: dict | None = None) -> Generator:
             per_concept_records = generate_concepts(
                 method, [Concept(p, [str(r) for r in refs] or None) for p, refs in concepts], work,
                 max(len(o) for o in out_paths), method_settings, seed, preset=preset, device=dev, components=comps,
-                cache_dir=settings.get("cache_dir") or Path(tmp) / "cache", progress=False, concept_dirs=True)
+                cache_dir=settings.get("cache_dir") or Path(tmp) / "cache", progress=False, concept_dirs=True,
+                negatives=negatives_for(concepts))
             for records, outs in zip(per_concept_records, out_paths):
                 for record, out in zip(records, outs):
                     shutil.copyfile(record.path, out)
