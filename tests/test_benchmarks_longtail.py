@@ -403,8 +403,13 @@ def test_tiny_train_evaluate_report_through_the_cli(fixture, tmp_path, caplog, c
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"longtail": cfg}))
     torch.set_num_threads(1)
-    for stage in ("data", "train", "evaluate", "report"):
+    for stage in ("data", "synthesize", "train", "evaluate", "report"):
         assert stages.main([stage, "--params", str(params)]) == 0
+    # no synthesis methods: every output of the synthesize stage exists (DVC checks them), empty
+    d = tmp_path / "data" / spec.name
+    assert all(not any((d / sub).iterdir()) for sub in ("synthetic", "generation-cache", "generation-runs"))
+    assert json.loads((d / "negatives.json").read_text()) == {"classes": []}
+    assert (d / "synthesis.csv").read_text().count("\n") == 1
     res = tmp_path / "results" / spec.name
     rows = reports.read_accuracy_csv(res / "accuracy.csv")
     assert {(r["method"], r["loss"], r["metric"]) for r in rows} == {
@@ -475,7 +480,8 @@ def test_tiny_train_evaluate_report_through_the_cli(fixture, tmp_path, caplog, c
 
 def test_mini_lt_synthesis_plans_the_rare_classes_and_feeds_training(tmp_path):
     """mini world data (scikit-learn digits) -> mini-lt source -> data -> synthesize through the REAL
-    pipelines on tiny models (sd; seedselect with its contrastive loss over chunks of 2 classes) ->
+    pipelines on tiny models (sd; seedselect with its contrastive loss over chunks of 2 classes, every
+    other class a negative; then without negatives) ->
     train (1 epoch) -> evaluate: the manifest holds exactly the medium + few classes x M images, each
     contrast set is one chunk, references come from the class's training images, and the generated
     images join the training set under their class; the heldout stage takes the same classes' unlisted
@@ -538,7 +544,28 @@ def test_mini_lt_synthesis_plans_the_rare_classes_and_feeds_training(tmp_path):
             assert len(refs) == min(3, counts[r.class_name]) and all(train_files.get(f) == r.class_name for f in refs)
             assert Path(r.path).is_file()
     contrast = [json.loads(p.read_text()) for p in (run.dir / "generation-runs").glob("seedselect-*/*/seedselect-*-00000.json")]
-    assert len(contrast) == len(rare) and all(len(rec["contrast_set"]) == 2 for rec in contrast)
+    assert len(contrast) == len(rare)
+    # contrast_with: all: two generated digits per call, pushed from the other eight digits' centroids too
+    negatives = json.loads((run.dir / "negatives.json").read_text())["classes"]
+    assert [n["class"] for n in negatives] == list(spec.classes)
+    assert all(train_files.get(Path(f).name) == n["class"] for n in negatives for f in n["references"])
+    assert all(r.refs.split(";") == negatives[spec.classes.index(r.class_name)]["references"] for r in rows)
+    for rec in contrast:
+        kinds = [("prompt" in c, "negative" in c) for c in rec["contrast_set"]]
+        assert kinds.count((True, False)) == 2 and kinds.count((False, True)) == len(spec.classes) - 2
+    # contrast_with: generated: new seedselect images (their names hash the contrast), the same sd ones
+    generated = {**cfg, "synthesis": {**cfg["synthesis"], "contrast_with": "generated"}}
+    params.write_text(yaml.safe_dump({"longtail": generated, "mini_lt": {"mini_data": str(tmp_path / "mini"), "out_dir": str(src)}}))
+    assert stages.main(["synthesize", "--params", str(params)]) == 0
+    alone = read_manifest(run.manifest_path)
+    assert json.loads((run.dir / "negatives.json").read_text()) == {"classes": []}
+    assert [r.path for r in alone if r.method == "sd"] == [r.path for r in rows if r.method == "sd"]
+    assert not {r.path for r in alone if r.method == "seedselect"} & {r.path for r in rows if r.method == "seedselect"}
+    records = [json.loads(p.read_text()) for p in (run.dir / "generation-runs").glob("seedselect-*/*/seedselect-*-00000.json")]
+    assert sorted(len(rec["contrast_set"]) for rec in records) == [2] * len(rare) + [len(spec.classes)] * len(rare)
+    params.write_text(yaml.safe_dump({"longtail": cfg, "mini_lt": {"mini_data": str(tmp_path / "mini"), "out_dir": str(src)}}))
+    assert stages.main(["synthesize", "--params", str(params)]) == 0   # all finished: only the manifest is rewritten
+    assert read_manifest(run.manifest_path) == rows
     assert stages.main(["train", "--params", str(params)]) == 0
     configs = {c.parts[-3].rsplit("-ce-", 1)[0]: json.loads(c.read_text()) for c in run.dir.glob("runs/*-ce-*/seed0/config.json")}
     real = len(run.splits["train"].paths)

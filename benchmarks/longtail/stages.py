@@ -20,6 +20,7 @@ Layout (``D = <data_dir>/<benchmark>``, ``R = <results_dir>/<benchmark>``)::
     D/lists/, D/images/, D/prepared/{train,val,test}.csv        downloaded train list, images extracted from tars (data)
     D/heldout/<class>/*, D/heldout/heldout.json                   unlisted real images of the rare classes (heldout)
     D/synthesis.csv, D/synthetic/<method>/<class>/*.png           the manifest and its images               (synthesize)
+    D/negatives.json                                              the classes contrastive methods push from (synthesize)
     D/runs/<method>-<loss>[-tau<t>[-realprior]]-<recipe>/seed<k>/ model, predictions, resolved config           (train)
     R/accuracy.csv, R/per_class.csv, R/hparams.json                                                            (evaluate)
     R/accuracy.md, R/metrics.json, R/per_class_accuracy.png                                                    (report)
@@ -231,9 +232,16 @@ def stage_synthesize(run: Run) -> None:
     """Generate the planned images of every synthesis method through the few-shot manifest and worker
     (resumable, shared by any number of processes through claim files)."""
     sp = run.p.synthesis
-    if not sp.methods:  # an empty manifest: the stage's outputs exist, training adds nothing
+    for d in ("synthetic", "generation-cache", "generation-runs"):  # the stage's outputs exist whatever it makes
+        (run.dir / d).mkdir(parents=True, exist_ok=True)
+    # contrast_with all: every class with training images, by the references a planned class gets
+    # (an empty table otherwise: the file says what the images were pushed from)
+    negatives = synthesis.reference_images(run.splits["train"], run.spec.classes, run.spec.classes,
+                                           sp.references_per_class, sp.seed, run.spec.name) \
+        if sp.methods and sp.contrast_with == "all" else {}
+    table = fewshot_synthesis.write_negatives(run.dir / "negatives.json", [(c, r) for c, r in negatives.items() if r])
+    if not sp.methods:  # an empty manifest: training adds nothing
         fewshot_synthesis.write_manifest([], run.manifest_path)
-        (run.dir / "synthetic").mkdir(parents=True, exist_ok=True)
         log.info("%s: no synthesis methods", run.spec.name)
         return
     supports, plan = synthesis_supports(run)
@@ -243,6 +251,8 @@ def stage_synthesize(run: Run) -> None:
     # a zero-shot DCT guide (classifier_labels: benchmark-classes) tells each class from all the benchmark's classes
     settings = fewshot_synthesis.bind_class_labels(settings, [run.spec.display_name(c) for c in run.spec.classes],
                                                    run.dir / "class-labels.txt")
+    if negatives:
+        settings["negatives"] = str(table)
     gen = fewshot_synthesis.Generation(settings, sp.variants)
     train_paths = run.splits["train"].paths
     rows = fewshot_synthesis.build_manifest(
@@ -379,7 +389,9 @@ def stage_report(run: Run) -> None:
             else f"generated images up to {sp.top_up_to} in all"
         notes.append(f"Generated images ({', '.join(f'`{m}`' for m in sp.methods)}): the {' + '.join(sp.groups)}-shot classes get "
                      f"{amount}, from up to {sp.references_per_class} references drawn from the class's own training images; "
-                     f"classes are generated in contrast sets of up to {sp.contrast_size} (SeedSelect's contrastive loss).")
+                     f"classes are generated in contrast sets of up to {sp.contrast_size} (SeedSelect's contrastive loss)"
+                     + ("; every other class of the benchmark enters that loss as a negative (the centroid of its own "
+                        "training references)." if sp.contrast_with == "all" else "."))
     if run.p.heldout.images_per_class:
         notes.append(f"`{heldout.METHOD}`: the real training set plus {run.p.heldout.images_per_class} real training images "
                      f"of each {' + '.join(run.p.heldout.groups)}-shot class that no list holds (chosen by a keyed hash, "

@@ -10,8 +10,16 @@ A long-tail *contrast set* is a chunk of ``contrast_size`` planned classes (in l
 one generator call as the few-shot stages give the classes of a (shot, trial): SeedSelect and
 NAO-SeedSelect then optimise those classes together under the contrastive loss. All planned classes
 in one call would be one batch of (classes x images) seeds: several hundred ImageNet-LT classes do
-not fit one accelerator, and the contrastive loss needs only enough negatives, so the chunk size is
-a setting (20 by default)."""
+not fit one accelerator, so the chunk size is a setting (20 by default).
+
+What an image is contrasted with is another setting (``contrast_with``). In a few-shot episode the
+contrast set is every class the classifier tells apart; here the classifier tells a rare class from
+all the benchmark's classes, the frequent ones included, which no contrast set holds. With ``all``
+(the default) every other class of the benchmark enters the contrastive loss as a *negative*: the
+centroid of its own ``references_per_class`` training images (drawn as a planned class's are), which
+costs one encoding per class and no seeds. With ``generated`` only the contrast set's classes do.
+Without negatives a rare class's images can drift towards a frequent look-alike that the loss never
+names (in mini-lt most of SeedSelect's nines look like fours, a frequent digit)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -25,6 +33,9 @@ from benchmarks.longtail.evaluation import GROUPS, shot_group
 from benchmarks.longtail.registry import FEW_SHOT_THRESHOLD, MANY_SHOT_THRESHOLD
 
 
+CONTRAST_WITH = ("all", "generated")
+
+
 @dataclass
 class SynthesisParams:
     """The ``synthesis`` sub-section of :class:`benchmarks.longtail.stages.LongTailParams`."""
@@ -35,6 +46,7 @@ class SynthesisParams:
     top_up_to: int | None = None                            # enough to reach this many (real + generated)
     references_per_class: int = 5                           # drawn from the class's training images only
     contrast_size: int = 20                                 # classes per generator call (see the module docstring)
+    contrast_with: str = "all"                              # all: every class as a negative; generated: the call's
     prompt_template: str = "{}"                             # of the class's display name; methods add theirs
     settings: dict = field(default_factory=dict)            # benchmarks.fewshot.synthesis.pipeline_generator's
     selection: str | None = None                            # settings chosen on validation classes (as few-shot)
@@ -45,6 +57,8 @@ class SynthesisParams:
             raise ValueError(f"synthesis.contrast_size must be >= 1, got {self.contrast_size}")
         if self.references_per_class < 1:
             raise ValueError(f"synthesis.references_per_class must be >= 1, got {self.references_per_class}")
+        if self.contrast_with not in CONTRAST_WITH:
+            raise unknown_error("synthesis.contrast_with: unknown value", self.contrast_with, CONTRAST_WITH)
 
 
 def contrast_sets(classes: Sequence[str], planned: Mapping[str, int], size: int) -> list[list[str]]:
