@@ -490,6 +490,8 @@ def test_mini_lt_synthesis_plans_the_rare_classes_and_feeds_training(tmp_path):
     from benchmarks.longtail import mini as mini_lt
     from benchmarks.mini.config import DataConfig
     from benchmarks.mini.data import build, load_split
+    from benchmarks.mini.evaluator import build_model
+    from pipelines.io import save_tensors, write_json
     from pipelines.testing import save_tiny_image_encoder, save_tiny_pipeline
 
     torch.set_num_threads(1)
@@ -553,6 +555,33 @@ def test_mini_lt_synthesis_plans_the_rare_classes_and_feeds_training(tmp_path):
     for rec in contrast:
         kinds = [("prompt" in c, "negative" in c) for c in rec["contrast_set"]]
         assert kinds.count((True, False)) == 2 and kinds.count((False, True)) == len(spec.classes) - 2
+    # the fidelity diagnostic, with an evaluator that calls every image a two: it counts per method and class
+    judge = tmp_path / "evaluator"
+    judge.mkdir()
+    model = build_model("test_resnet", len(spec.classes))
+    torch.nn.init.zeros_(model.get_classifier().weight)
+    model.get_classifier().bias.data = 5.0 * F.one_hot(torch.tensor(spec.classes.index("two")), len(spec.classes)).float()
+    save_tensors(judge / "model.safetensors", model.state_dict())
+    write_json(judge / "config.json", {"architecture": "test_resnet", "num_classes": len(spec.classes),
+                                       "input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3})
+    judged = {"mini_data": str(tmp_path / "mini"), "out_dir": str(src), "evaluator": str(judge),
+              "image_encoder": str(tmp_path / "clip")}
+    params.write_text(yaml.safe_dump({"longtail": cfg, "mini_lt": judged}))
+    assert mini_lt.main(["fidelity", "--params", str(params)]) == 0
+    fid = json.loads((tmp_path / "results" / "mini-lt" / "fidelity.json").read_text())
+    assert sorted(fid["generated"]) == ["sd", "seedselect"]
+    for method, by_class in fid["generated"].items():
+        assert sorted(by_class) == sorted(rare)
+        assert all(n["images"] == m and n["evaluator"] == (m if c == "two" else 0) and 0 <= n["encoder"] <= m
+                   for c, n in by_class.items())
+    val_counts = {c: int(np.sum(run.splits["val"].labels == k)) for k, c in enumerate(spec.classes)}
+    assert {c: n["images"] for c, n in fid["val"].items()} == val_counts
+    assert {c: n["evaluator"] for c, n in fid["val"].items()} == {c: (k if c == "two" else 0) for c, k in val_counts.items()}
+    assert "| two | 2 | 2 |" in (tmp_path / "results" / "mini-lt" / "fidelity.md").read_text()
+    params.write_text(yaml.safe_dump({"longtail": cfg, "mini_lt": {**judged, "evaluator": str(tmp_path / "none")}}))
+    with pytest.raises(SystemExit) as e:
+        mini_lt.main(["fidelity", "--params", str(params)])
+    assert e.value.code == 2
     # contrast_with: generated: new seedselect images (their names hash the contrast), the same sd ones
     generated = {**cfg, "synthesis": {**cfg["synthesis"], "contrast_with": "generated"}}
     params.write_text(yaml.safe_dump({"longtail": generated, "mini_lt": {"mini_data": str(tmp_path / "mini"), "out_dir": str(src)}}))

@@ -18,7 +18,9 @@ images outside ImageNet-LT's lists (:mod:`benchmarks.longtail.heldout`).
 Thresholds (:func:`scaled_thresholds`): ImageNet-LT's many / few cut points (100 / 20 images, over its
 5..1,280 range) moved to the same relative positions in log count over the mini corpus's range.
 
-``python -m benchmarks.longtail.mini source --params params.yaml`` (section ``mini_lt``)."""
+``fidelity`` judges the generated images of the synthesize stage (:mod:`benchmarks.longtail.mini_fidelity`).
+
+``python -m benchmarks.longtail.mini {source,fidelity} --params params.yaml`` (section ``mini_lt``)."""
 from __future__ import annotations
 
 import argparse
@@ -41,6 +43,8 @@ class MiniLongTailParams:
     name: str = "mini-lt"
     mini_data: str = "data/mini/data"            # the mini_data stage's output
     out_dir: str = "data/longtail/mini-lt-source"
+    evaluator: str = "data/mini/evaluator"       # fidelity's judges: the independent evaluator and
+    image_encoder: str = "data/mini/clip"        # the CLIP-style encoder of SeedSelect's loss
 
     @property
     def spec_path(self) -> Path:
@@ -118,17 +122,31 @@ def build_source(p: MiniLongTailParams) -> LongTailSpec:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.longtail.mini", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=("source",))
+    parser.add_argument("stage", choices=("source", "fidelity"))
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--section", default="mini_lt")
+    parser.add_argument("--longtail-section", default="longtail", help="fidelity: the section of the long-tail stages")
     args = parser.parse_args(argv)
     try:
         p = load_section(MiniLongTailParams, args.section, args.params)
-        spec = build_source(p)
+        if args.stage == "source":
+            spec = build_source(p)
+            print(json.dumps({"spec": str(p.spec_path), "images_per_split": spec.images_per_split,
+                              "many_shot_threshold": spec.many_shot_threshold,
+                              "few_shot_threshold": spec.few_shot_threshold}))
+        else:
+            from benchmarks.longtail import mini_fidelity
+            from benchmarks.longtail.stages import LongTailParams, Run
+            from benchmarks.mini.common import set_threads
+
+            lp = load_section(LongTailParams, args.longtail_section, args.params)
+            set_threads(lp.threads)
+            run = Run(lp, str(p.spec_path))
+            paths = mini_fidelity.write_report(mini_fidelity.fidelity(run, p.evaluator, p.image_encoder),
+                                               run.results, run.spec.name)
+            print(json.dumps({k: str(v) for k, v in paths.items()}))
     except (FileNotFoundError, UnknownNameError, ValueError) as e:  # bad input: one line, exit 2
         parser.exit(2, f"error: {e}\n")
-    print(json.dumps({"spec": str(p.spec_path), "images_per_split": spec.images_per_split,
-                      "many_shot_threshold": spec.many_shot_threshold, "few_shot_threshold": spec.few_shot_threshold}))
     return 0
 
 
