@@ -162,8 +162,11 @@ def generate_concepts(method: str, concepts: Sequence[Concept | tuple], out_dir:
     if negatives and not contrastive:
         raise ValueError(f"negative concepts enter only a contrastive loss; {m.name} with these settings has none")
     negative_refs = [load_reference_images(refs) for refs in negatives]
+    # the negatives by one digest: a long-tail call has ~1,000, and every image record repeats the config
+    negative_ids = [{"negatives": len(negative_refs), "sha256": hashlib.sha256(json.dumps(
+        [[r.content_hash for r in refs] for refs in negative_refs]).encode()).hexdigest()}] if negative_refs else []
     contrast = [{"prompt": p, "references": [r["sha256"] for r in ids]} for p, ids in zip(prompts, ref_ids)] \
-        + [{"negative": [r.content_hash for r in refs]} for refs in negative_refs] if contrastive else []
+        + negative_ids if contrastive else []
     base = {"method": m.name, "settings": dataclasses.asdict(settings), "model_id": model_id,
             "image_encoder_id": enc_id or None, "seed": seed}
     # references enter the run name only for methods that use them (sd shows them on the sheet only)

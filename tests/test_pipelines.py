@@ -1,4 +1,5 @@
 """Generation pipelines on tiny random models: SeedSelect, DDIM inversion, NAO-SeedSelect, the CLI."""
+import hashlib
 import json
 import math
 import os
@@ -469,7 +470,8 @@ def test_cli_several_concepts_contrasted_in_one_run(folders, tmp_path):
                           "last_k_weights=1", "--negative-refs", str(other))
     assert cli(tiger_only) == 0
     (record,) = [json.loads(p.read_text()) for p in pushed.glob("seedselect-*-00000.json")]
-    assert [sorted(c) for c in record["contrast_set"]] == [["prompt", "references"], ["negative"]]
+    assert [sorted(c) for c in record["contrast_set"]] == [["prompt", "references"], ["negatives", "sha256"]]
+    assert record["contrast_set"][1]["negatives"] == 1
     assert not (pushed / "lynx").exists()
 
 
@@ -496,8 +498,10 @@ def test_negatives_name_the_runs_and_only_a_contrastive_method_takes_them(comps,
     plain = generate_concept("seedselect", "tiger cat", _refs(0), tmp_path / "ss", 1, ss, **kw)
     pushed = generate_concept("seedselect", "tiger cat", _refs(0), tmp_path / "ss", 1, ss, negatives=[_refs(5)], **kw)
     assert pushed[0]["run"] != plain[0]["run"] and "contrast_set" not in plain[0]
-    negs = load_reference_images(_refs(5))
-    assert pushed[0]["contrast_set"][-1] == {"negative": [r.content_hash for r in negs]}
+    negs = json.dumps([[r.content_hash for r in load_reference_images(_refs(5))]]).encode()
+    assert pushed[0]["contrast_set"][-1] == {"negatives": 1, "sha256": hashlib.sha256(negs).hexdigest()}
+    other = generate_concept("seedselect", "tiger cat", _refs(0), tmp_path / "ss", 1, ss, negatives=[_refs(6)], **kw)
+    assert other[0]["run"] not in (plain[0]["run"], pushed[0]["run"])
     assert not np.array_equal(np.asarray(pushed[0].image()), np.asarray(plain[0].image()))
     # methods that contrast nothing refuse negatives rather than ignore them, before writing anything
     for method, settings in (("sd", {"num_inference_steps": 2}), ("seedselect", {**ss, "semantic_loss": "per_concept"})):
