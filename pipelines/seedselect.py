@@ -18,8 +18,9 @@ BEST seed seen is returned with its image. Added by the paper: early stopping wh
 more than ``early_stop_patience`` consecutive iterations, and bootstrap resampling of the references
 to make many diverse images per concept quickly.
 
-A call takes one or several concepts (prompt + reference images each). With several, each seed's
-semantic loss is the paper's contrastive loss across the call's concepts (``semantic_loss=
+A call takes one or several concepts (prompt + reference images each), and optionally negative
+concepts (reference images only: contrasted, never generated). With several, each seed's semantic
+loss is the paper's contrastive loss across the call's concepts and negatives (``semantic_loss=
 "contrastive"``, the default; ``"per_concept"`` is the authors' code), bootstrap resampling works per
 concept, and seeds of different concepts share batches. Several seeds are optimised as one batch;
 each has its own optimiser state, loss history, best seed and early stop (a stopped seed leaves the
@@ -321,8 +322,9 @@ class SeedSelectPipeline(ConceptPipeline):
         of the references and ``bootstrap_iterations`` iterations; ``z_star`` ({concept: seed}) passes
         finished z* seeds in. ``negative_reference_images`` (one reference set per concept) adds concepts
         that are contrasted but not generated: each image is pushed from their centroids too, e.g. the
-        other classes a downstream classifier must tell it from. Several seeds (of any concepts) are optimised per batch;
-        ``callback(ImageResult)`` is called for every image as soon as its batch is done."""
+        other classes a downstream classifier must tell it from. Several seeds (of any concepts) are
+        optimised per batch; ``callback(ImageResult)`` is called for every image as soon as its batch
+        is done."""
         plan = self.plan(prompt, reference_images, num_images_per_prompt, image_indices, generator, seed,
                          settings, **overrides)
         s = plan.settings

@@ -55,7 +55,7 @@ class Judges:
         self.evaluator = load_evaluator(evaluator_dir)
         self.encoder = CLIPVisionModelWithProjection.from_pretrained(str(encoder_dir)).eval()
         self.processor = CLIPImageProcessor.from_pretrained(str(encoder_dir))
-        emb = self.embed(train_paths)
+        emb = torch.cat([self.embed(_load(train_paths[i:i + 256])) for i in range(0, len(train_paths), 256)])
         labels = torch.as_tensor(np.asarray(train_labels))
         missing = [k for k in range(num_classes) if not (labels == k).any()]
         if missing:
@@ -63,21 +63,18 @@ class Judges:
         self.centroids = torch.stack([F.normalize(emb[labels == k].mean(0), dim=-1) for k in range(num_classes)])
 
     @torch.no_grad()
-    def embed(self, paths: Sequence[str | Path], batch_size: int = 256) -> torch.Tensor:
+    def embed(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Un-normalised projected embeddings through the processor (SeedSelect's reference path)."""
-        out = []
-        for i in range(0, len(paths), batch_size):
-            pix = self.processor(images=_load(paths[i:i + batch_size]), return_tensors="pt").pixel_values
-            out.append(self.encoder(pixel_values=pix).image_embeds.float())
-        return torch.cat(out)
+        pix = self.processor(images=list(images), return_tensors="pt").pixel_values
+        return self.encoder(pixel_values=pix).image_embeds.float()
 
     @torch.no_grad()
     def right(self, paths: Sequence[str | Path], label: int) -> dict[str, int]:
-        """How many of ``paths`` each judge assigns to ``label``."""
-        images = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1)
-                              for im in _load(paths)])
-        nearest = (F.normalize(self.embed(paths), dim=-1) @ self.centroids.T).argmax(1)
-        return {"images": len(paths), "evaluator": int((self.evaluator.predict(images) == label).sum()),
+        """How many of ``paths`` (one class's images, a few hundred at most) each judge assigns to ``label``."""
+        images = _load(paths)
+        pixels01 = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1) for im in images])
+        nearest = (F.normalize(self.embed(images), dim=-1) @ self.centroids.T).argmax(1)
+        return {"images": len(paths), "evaluator": int((self.evaluator.predict(pixels01) == label).sum()),
                 "encoder": int((nearest == label).sum())}
 
 
