@@ -152,9 +152,9 @@ def pipeline_generator(method: str, settings: dict | None = None) -> Generator:
     {setting: value}}``, overrides of the method's settings dataclass on top of the preset (e.g.
     ``prompt_template``, DCT's ``classifier``), and ``negatives``, a table (:func:`write_negatives`) of
     classes that a contrastive method pushes every image from besides the group's own (the table's
-    classes whose references are a group concept's are that concept). Models and the negatives'
-    images are loaded once and shared by every method of the process; ``cache_dir`` should outlive the
-    call, so that reference encodings, inversions and DCT class tokens are computed once per class
+    classes whose references are a group concept's are that concept). Models are loaded once and
+    shared by every method of the process, the negatives' images once per generator; ``cache_dir``
+    should outlive the call, so that reference encodings, inversions and DCT class tokens are computed once per class
     rather than once per support set."""
     from pipelines.registry import get_method
 
