@@ -14,8 +14,9 @@
   the checkpointed ratio under the default allocator is printed too (``..._default_malloc``).
 * ``--preset-images N``: wall seconds and optimisation iterations per image of
   ``generate_concept("seedselect", ...)`` under the ``reference`` and ``fast`` presets.
-* ``--sd21`` (GPU): the full SD 2.1-base + CLIP ViT-H/14 architectures with random weights at 512x512:
-  seconds per SeedSelect iteration and peak GPU memory for both presets.
+* ``--sd21`` (GPU): the full SD 2.1-base + CLIP ViT-H/14 architectures with random weights at 512x512
+  (random weights time the same as trained ones): per preset, seconds of one plain generation (S) and
+  of one SeedSelect iteration without and with ``--negatives`` negative concepts, and peak GPU memory.
 """
 from __future__ import annotations
 
@@ -44,6 +45,9 @@ def add_arguments(parser) -> None:
                         help="GPU: the full SD 2.1-base + CLIP ViT-H/14 architectures with random weights at 512x512; "
                              "seconds per SeedSelect iteration and peak GPU memory for the reference and fast presets")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--negatives", type=int, default=1000,
+                        help="--sd21: negative concepts in the timed contrast set (ImageNet-LT: ~1,000 classes)")
+    parser.add_argument("--tiny", action="store_true", help="--sd21 on the test-size models (a CPU dry run)")
 
 
 def _bench_sizes(latent_size: int):
@@ -181,20 +185,21 @@ def sd21_components(dtype, device):
     from pipelines.testing import tiny_scheduler, tiny_tokenizer
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=1024,
-        attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
-    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        sample_size=512)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=1024, intermediate_size=4096,
-                                        num_hidden_layers=23, num_attention_heads=16, hidden_act="gelu",
-                                        projection_dim=512))
-    vision = CLIPVisionModelWithProjection(CLIPVisionConfig(
-        hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16, patch_size=14,
-        image_size=224, projection_dim=1024, hidden_act="gelu"))
+    with torch.device(device):  # initialise on the device: CPU init of ~2 B parameters takes minutes
+        unet = UNet2DConditionModel(
+            sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=1024,
+            attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            sample_size=512)
+        text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=1024, intermediate_size=4096,
+                                            num_hidden_layers=23, num_attention_heads=16, hidden_act="gelu",
+                                            projection_dim=512))
+        vision = CLIPVisionModelWithProjection(CLIPVisionConfig(
+            hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16, patch_size=14,
+            image_size=224, projection_dim=1024, hidden_act="gelu"))
     comps = Components(vae=vae, text_encoder=text, tokenizer=tiny_tokenizer(), unet=unet, scheduler=tiny_scheduler(),
                        image_encoder=vision, image_processor=CLIPImageProcessor(), model_id="sd21-random",
                        image_encoder_id="vit-h-14-random")
@@ -202,50 +207,86 @@ def sd21_components(dtype, device):
 
 
 def _sd21(args) -> dict:
-    """Seconds per iteration (per seed) and peak GPU memory of the reference and fast presets."""
+    """Per preset (reference fp32, then fast bf16 on CUDA): seconds of one plain generation (S, the unit
+    of README's GPU-hour table) at batch 1 and at SD's fast batch, and seconds per SeedSelect iteration
+    with one concept and with ``--negatives`` negative concepts in the contrast set; each with the peak
+    GPU memory it reached. ``--tiny`` runs the same code on the test-size models (a dry run)."""
     import torch
 
+    from pipelines.imaging import decode_latents
     from pipelines.loading import resolve_dtype
     from pipelines.references import ReferenceEncodings
-    from pipelines.sampling import random_seeds
     from pipelines.registry import get_method
+    from pipelines.sampling import denoise, random_seeds
     from pipelines.seedselect import SeedSelectPipeline
+    from pipelines.testing import tiny_components
 
-    method = get_method("seedselect")
     cuda = str(args.device).startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    out = {}
-    for preset in ("reference", "fast"):
-        settings = method.settings(preset, args.device)
-        pipe = SeedSelectPipeline.from_components(sd21_components(resolve_dtype(settings.dtype), args.device))
-        g = torch.Generator().manual_seed(0)
-        d = pipe.image_encoder.config.projection_dim
-        enc = ReferenceEncodings(clip=torch.randn(3, d, generator=g).to(args.device),
-                                 latents=torch.randn(3, *pipe.latent_shape, generator=g).to(args.device))
-        targets = pipe.targets_for("a photo of a tiger cat", enc, settings.batch_size)
-        seeds = torch.nn.Parameter(random_seeds(pipe.latent_shape, range(settings.batch_size)).to(args.device))
-        opt = torch.optim.AdamW([seeds], lr=settings.lr, weight_decay=settings.weight_decay)
+    prompt = "a photo of a tiger cat"
 
-        def iteration():
-            pipe.compute_losses(seeds, targets, settings, 0)["total"].sum().backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        iteration()  # warm-up
+    def timed(fn, repeats):
+        fn()  # warm-up (kernel selection, allocator)
         sync()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        iterations = 3
-        for _ in range(iterations):
-            iteration()
+        for _ in range(repeats):
+            fn()
         sync()
-        seconds = (time.perf_counter() - t0) / iterations
-        out[preset] = {"dtype": settings.dtype, "batch_size": settings.batch_size, "steps": settings.num_inference_steps,
-                       "seconds_per_iteration": round(seconds, 3),
-                       "seconds_per_iteration_per_seed": round(seconds / settings.batch_size, 3),
-                       "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
-                       "device_name": torch.cuda.get_device_name() if cuda else str(args.device)}
+        return {"seconds": round((time.perf_counter() - t0) / repeats, 3),
+                "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}
+
+    t0 = time.perf_counter()
+    comps = tiny_components() if args.tiny else sd21_components(torch.float32, args.device)
+    comps = comps.to(device=args.device)
+    out = {"device_name": torch.cuda.get_device_name() if cuda else str(args.device), "torch": torch.__version__,
+           "models": "tiny" if args.tiny else "sd21-base-512 + vit-h-14 (random weights)",
+           "build_seconds": round(time.perf_counter() - t0, 1), "repeats": args.repeats}
+    sd_batch = get_method("sd").settings("fast", args.device).batch_size
+    for preset in ("reference", "fast"):  # fp32 first: casting fp32 -> bf16 loses nothing the next run needs
+        settings = get_method("seedselect").settings(preset, args.device)
+        pipe = SeedSelectPipeline.from_components(comps.to(dtype=resolve_dtype(settings.dtype)))
+        cdt = pipe.compute_dtype
+        row = {"dtype": settings.dtype, "steps": settings.num_inference_steps, "guidance_scale": settings.guidance_scale,
+               "image_size": pipe.image_size}
+        for batch in sorted({1, sd_batch}):
+            z = random_seeds(pipe.latent_shape, range(batch), cdt).to(args.device)
+
+            def sample():
+                with torch.no_grad():
+                    cond, uncond = pipe.encode_prompt(prompt, batch, settings.guidance_scale)
+                    z0 = denoise(pipe, z, cond, uncond, settings.guidance_scale, settings.num_inference_steps)[-1]
+                    decode_latents(pipe, z0)
+
+            r = timed(sample, args.repeats)
+            row[f"generation_batch_{batch}"] = {**r, "seconds_per_image": round(r["seconds"] / batch, 3)}
+        g = torch.Generator().manual_seed(0)
+        d = pipe.image_encoder.config.projection_dim
+
+        def encodings(n):
+            return ReferenceEncodings(clip=torch.randn(n, d, generator=g).to(args.device),
+                                      latents=torch.randn(n, *pipe.latent_shape, generator=g).to(args.device, cdt))
+
+        concept = encodings(3)
+        for negatives in sorted({0, args.negatives}):
+            contrast = pipe.contrast_set([prompt], [concept], settings, [encodings(1) for _ in range(negatives)])
+            targets = [contrast.target(0)] * settings.batch_size
+            seeds = torch.nn.Parameter(random_seeds(pipe.latent_shape, range(settings.batch_size), cdt).to(args.device))
+            opt = torch.optim.AdamW([seeds], lr=settings.lr, weight_decay=settings.weight_decay)
+
+            def iteration():
+                pipe.compute_losses(seeds, targets, settings, 0)["total"].sum().backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            r = timed(iteration, args.repeats)
+            row[f"seedselect_iteration_negatives_{negatives}"] = {
+                **r, "batch_size": settings.batch_size,
+                "seconds_per_seed": round(r["seconds"] / settings.batch_size, 3)}
+        s_unit = row["generation_batch_1"]["seconds"]
+        row["iteration_per_seed_over_S"] = round(row["seedselect_iteration_negatives_0"]["seconds_per_seed"] / s_unit, 2)
+        out[preset] = row
         del pipe
         if cuda:
             torch.cuda.empty_cache()
