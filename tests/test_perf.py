@@ -12,7 +12,7 @@ def _run(capsys, argv):
     return json.loads(capsys.readouterr().out)
 
 
-def test_seedselect_sd21_dry_run_times_both_presets_with_and_without_negatives(capsys, tmp_path):
+def test_seedselect_sd21_dry_run_times_every_measurement_of_both_presets(capsys, tmp_path):
     out = tmp_path / "sd21.json"
     result = _run(capsys, ["seedselect", "--sd21", "--tiny", "--device", "cpu", "--repeats", "1",
                            "--negatives", "3", "--out", str(out)])
@@ -23,9 +23,12 @@ def test_seedselect_sd21_dry_run_times_both_presets_with_and_without_negatives(c
         row = runs[preset]
         assert row["dtype"] == "fp32"  # auto-bf16 means bf16 on CUDA only
         assert set(k for k in row if k.startswith("generation_batch_")) == {"generation_batch_1", "generation_batch_8"}
-        for n in (0, 3):
-            it = row[f"seedselect_iteration_negatives_{n}"]
+        for key in ("negatives_0", "negatives_3", "negatives_0_repeat"):
+            it = row[f"seedselect_iteration_{key}"]
             assert it["batch_size"] == batch and it["seconds"] > 0 and it["peak_gpu_gib"] is None
+        nao = row["nao_seedselect_iteration"]  # its own batch and no guidance
+        assert (nao["batch_size"], nao["guidance_scale"]) == ((1, 1.0) if preset == "reference" else (8, 1.0))
+        assert row["ddim_inversion_batch_5"]["steps"] == 50
         assert row["iteration_per_seed_over_S"] == pytest.approx(
             row["seedselect_iteration_negatives_0"]["seconds_per_seed"] / row["generation_batch_1"]["seconds"], abs=0.01)
 

@@ -16,7 +16,8 @@
   ``generate_concept("seedselect", ...)`` under the ``reference`` and ``fast`` presets.
 * ``--sd21`` (GPU): the full SD 2.1-base + CLIP ViT-H/14 architectures with random weights at 512x512
   (random weights time the same as trained ones): per preset, seconds of one plain generation (S) and
-  of one SeedSelect iteration without and with ``--negatives`` negative concepts, and peak GPU memory.
+  of one SeedSelect iteration without and with ``--negatives`` negative concepts, of one NAO-SeedSelect
+  iteration and of a DDIM inversion, and peak GPU memory.
 """
 from __future__ import annotations
 
@@ -47,6 +48,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--negatives", type=int, default=1000,
                         help="--sd21: negative concepts in the timed contrast set (ImageNet-LT: ~1,000 classes)")
+    parser.add_argument("--presets", nargs="+", choices=("reference", "fast"), default=["reference", "fast"],
+                        help="--sd21: the presets to time")
     parser.add_argument("--tiny", action="store_true", help="--sd21 on the test-size models (a CPU dry run)")
 
 
@@ -207,10 +210,11 @@ def sd21_components(dtype, device):
 
 
 def _sd21(args) -> dict:
-    """Per preset (reference fp32, then fast bf16 on CUDA): seconds of one plain generation (S, the unit
-    of README's GPU-hour table) at batch 1 and at SD's fast batch, and seconds per SeedSelect iteration
-    with one concept and with ``--negatives`` negative concepts in the contrast set; each with the peak
-    GPU memory it reached. ``--tiny`` runs the same code on the test-size models (a dry run)."""
+    """Per preset (reference fp32, then fast bf16 on CUDA): seconds of one plain generation at batch 1
+    and at SD's fast batch; of one SeedSelect iteration with one concept, with ``--negatives`` negative
+    concepts in the contrast set, and with one concept again (run order alone); of one NAO-SeedSelect
+    iteration (its own batch and guidance) and of a DDIM inversion (its steps) of 1 and 5 references;
+    each with the peak GPU memory it reached. ``--tiny`` runs the same code on the test-size models."""
     import torch
 
     from pipelines.imaging import decode_latents
@@ -218,6 +222,8 @@ def _sd21(args) -> dict:
     from pipelines.references import ReferenceEncodings
     from pipelines.registry import get_method
     from pipelines.sampling import denoise, random_seeds
+    from pipelines.inversion import DDIMInversionPipeline
+    from pipelines.nao_seedselect import NaoSeedSelectPipeline
     from pipelines.seedselect import SeedSelectPipeline
     from pipelines.testing import tiny_components
 
@@ -244,7 +250,7 @@ def _sd21(args) -> dict:
            "models": "tiny" if args.tiny else "sd21-base-512 + vit-h-14 (random weights)",
            "build_seconds": round(time.perf_counter() - t0, 1), "repeats": args.repeats}
     sd_batch = get_method("sd").settings("fast", args.device).batch_size
-    for preset in ("reference", "fast"):  # fp32 first: casting fp32 -> bf16 loses nothing the next run needs
+    for preset in sorted(args.presets, key=("reference", "fast").index):  # fp32 first: casting to bf16 loses nothing
         settings = get_method("seedselect").settings(preset, args.device)
         pipe = SeedSelectPipeline.from_components(comps.to(dtype=resolve_dtype(settings.dtype)))
         cdt = pipe.compute_dtype
@@ -269,7 +275,8 @@ def _sd21(args) -> dict:
                                       latents=torch.randn(n, *pipe.latent_shape, generator=g).to(args.device, cdt))
 
         concept = encodings(3)
-        for negatives in sorted({0, args.negatives}):
+
+        def iteration_timing(pipe, settings, negatives: int) -> dict:
             contrast = pipe.contrast_set([prompt], [concept], settings, [encodings(1) for _ in range(negatives)])
             targets = [contrast.target(0)] * settings.batch_size
             seeds = torch.nn.Parameter(random_seeds(pipe.latent_shape, range(settings.batch_size), cdt).to(args.device))
@@ -281,9 +288,25 @@ def _sd21(args) -> dict:
                 opt.zero_grad(set_to_none=True)
 
             r = timed(iteration, args.repeats)
-            row[f"seedselect_iteration_negatives_{negatives}"] = {
-                **r, "batch_size": settings.batch_size,
-                "seconds_per_seed": round(r["seconds"] / settings.batch_size, 3)}
+            return {**r, "batch_size": settings.batch_size, "guidance_scale": settings.guidance_scale,
+                    "seconds_per_seed": round(r["seconds"] / settings.batch_size, 3)}
+
+        # without, with, and again without negatives: the repeat shows what run order alone changes
+        for key, negatives in (("", 0), ("", args.negatives), ("_repeat", 0)):
+            row[f"seedselect_iteration_negatives_{negatives}{key}"] = iteration_timing(pipe, settings, negatives)
+        nao_settings = get_method("nao-seedselect").settings(preset, args.device)
+        nao = NaoSeedSelectPipeline.from_components(comps)
+        row["nao_seedselect_iteration"] = iteration_timing(nao, nao_settings, 0)
+        inverter = DDIMInversionPipeline.from_components(comps)
+        for batch in (1, 5):
+            latents = encodings(batch).latents
+
+            def invert():
+                inverter.invert_latents(latents, prompt, nao_settings.inversion_steps)
+
+            r = timed(invert, args.repeats)
+            row[f"ddim_inversion_batch_{batch}"] = {**r, "steps": nao_settings.inversion_steps,
+                                                    "seconds_per_image": round(r["seconds"] / batch, 3)}
         s_unit = row["generation_batch_1"]["seconds"]
         row["iteration_per_seed_over_S"] = round(row["seedselect_iteration_negatives_0"]["seconds_per_seed"] / s_unit, 2)
         out[preset] = row
