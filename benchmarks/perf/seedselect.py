@@ -44,7 +44,8 @@ def add_arguments(parser) -> None:
                              "(test-size tiny models; 0, the default, skips: ~4 min for 4 images)")
     parser.add_argument("--sd21", action="store_true",
                         help="GPU: the full SD 2.1-base + CLIP ViT-H/14 architectures with random weights at 512x512; "
-                             "seconds per SeedSelect iteration and peak GPU memory for the reference and fast presets")
+                             "seconds and peak GPU memory of a generation, a SeedSelect and a NAO-SeedSelect "
+                             "iteration and a DDIM inversion, per preset")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--negatives", type=int, default=1000,
                         help="--sd21: negative concepts in the timed contrast set (ImageNet-LT: ~1,000 classes)")
@@ -218,12 +219,12 @@ def _sd21(args) -> dict:
     import torch
 
     from pipelines.imaging import decode_latents
+    from pipelines.inversion import DDIMInversionPipeline
     from pipelines.loading import resolve_dtype
+    from pipelines.nao_seedselect import NaoSeedSelectPipeline
     from pipelines.references import ReferenceEncodings
     from pipelines.registry import get_method
     from pipelines.sampling import denoise, random_seeds
-    from pipelines.inversion import DDIMInversionPipeline
-    from pipelines.nao_seedselect import NaoSeedSelectPipeline
     from pipelines.seedselect import SeedSelectPipeline
     from pipelines.testing import tiny_components
 
