@@ -3,6 +3,7 @@ come from a lent GPU; these runs keep the scripts from rotting between such loan
 import json
 
 import pytest
+import torch
 
 from benchmarks.perf.__main__ import main
 
@@ -42,3 +43,11 @@ def test_longtail_training_throughput_dry_run(capsys):
     assert 32 / (extra_epoch + 0.011) <= result["images_per_second"] <= 32 / max(extra_epoch - 0.011, 1e-3)
     assert result["hours_per_imagenet_lt_run"] == pytest.approx(
         90 * 115_846 / result["images_per_second"] / 3600, rel=0.01)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine with a CUDA device runs them")
+@pytest.mark.parametrize("argv", [["seedselect", "--sd21"], ["longtail"]])
+def test_gpu_benchmarks_refuse_in_one_line_without_a_cuda_device(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and "no CUDA device is available here" in capsys.readouterr().err

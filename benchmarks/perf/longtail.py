@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.perf import require_device
+
 IMAGENET_LT_TRAIN_IMAGES = 115_846
 
 
@@ -86,6 +88,7 @@ def run(args: argparse.Namespace) -> dict:
 
     from benchmarks.longtail.training import TrainConfig, train_classifier
 
+    require_device(args.device)
     cfg = TrainConfig(model=args.model, image_size=args.image_size, batch_size=args.batch_size,
                       num_workers=args.num_workers, device=args.device)
     labels = np.arange(args.images) % args.classes

@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.perf import require_device
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -228,6 +230,7 @@ def _sd21(args) -> dict:
     from pipelines.seedselect import SeedSelectPipeline
     from pipelines.testing import tiny_components
 
+    require_device(args.device)
     cuda = str(args.device).startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     prompt = "a photo of a tiger cat"
