@@ -12,6 +12,7 @@ loader processes, bf16 autocast on CUDA, SGD) at the ImageNet-LT profile's defau
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -91,6 +92,7 @@ def run(args: argparse.Namespace) -> dict:
     require_device(args.device)
     cfg = TrainConfig(model=args.model, image_size=args.image_size, batch_size=args.batch_size,
                       num_workers=args.num_workers, device=args.device)
+    cuda = cfg.resolved_device().startswith("cuda")
     labels = np.arange(args.images) % args.classes
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -100,13 +102,12 @@ def run(args: argparse.Namespace) -> dict:
         seconds = {}
         for epochs in (0, 1, 1 + args.epochs):  # 0: a 1-epoch warm-up run (first-call imports and set-up)
             t0 = time.perf_counter()
-            train_classifier(paths, labels, args.classes, TrainConfig(**{**cfg.__dict__, "epochs": max(epochs, 1)}), "ce",
+            train_classifier(paths, labels, args.classes, dataclasses.replace(cfg, epochs=max(epochs, 1)), "ce",
                              seed=0, progress=False)
-            if cfg.resolved_device().startswith("cuda"):
+            if cuda:
                 torch.cuda.synchronize()
             seconds[epochs] = time.perf_counter() - t0
     steady = args.epochs * args.images / (seconds[1 + args.epochs] - seconds[1])
-    cuda = cfg.resolved_device().startswith("cuda")
     return {
         "device_name": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
         "model": args.model, "image_size": args.image_size, "batch_size": args.batch_size,
