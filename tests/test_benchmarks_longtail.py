@@ -4,6 +4,7 @@ selection rule, a tiny train -> evaluate -> report run through the CLI, and mini
 import hashlib
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -478,7 +479,7 @@ def test_tiny_train_evaluate_report_through_the_cli(fixture, tmp_path, caplog, c
 
 # --- mini-lt: the miniature world's corpus, synthesis for the rare classes on tiny models ----------
 
-def test_mini_lt_synthesis_plans_the_rare_classes_and_feeds_training(tmp_path):
+def test_mini_lt_synthesis_plans_the_rare_classes_and_feeds_training(tmp_path, capsys):
     """mini world data (scikit-learn digits) -> mini-lt source -> data -> synthesize through the REAL
     pipelines on tiny models (sd; seedselect with its contrastive loss over chunks of 2 classes, every
     other class a negative; then without negatives) ->
@@ -516,6 +517,34 @@ def test_mini_lt_synthesis_plans_the_rare_classes_and_feeds_training(tmp_path):
     params.write_text(yaml.safe_dump({"longtail": cfg, "mini_lt": {"mini_data": str(tmp_path / "mini"), "out_dir": str(src)}}))
     assert mini_lt.main(["source", "--params", str(params)]) == 0
     spec = get_benchmark(str(src / "spec.json"))
+    # the classifier's set: the corpus's counts, drawn apart from it (the rare digits' mostly new images),
+    # never an image of a balanced split; `corpus` gives the corpus itself
+    corpus_images, corpus_labels = load_split(tmp_path / "mini", "train")
+    train = mini_lt.classifier_train_set(mini_lt.MiniLongTailParams(mini_data=str(tmp_path / "mini")))
+    assert torch.equal(torch.bincount(train[1], minlength=10), torch.bincount(corpus_labels, minlength=10))
+    corpus_set = {x.numpy().tobytes() for x in corpus_images}
+    held = {x.numpy().tobytes() for s in ("test", "val", "references", "encoder", "evaluator") for x in load_split(tmp_path / "mini", s)[0]}
+    assert not held & {x.numpy().tobytes() for x in train[0]}
+    shared = {c: sum(x.numpy().tobytes() in corpus_set for x, y in zip(train[0], train[1].tolist()) if y == k)
+              for k, c in enumerate(spec.classes)}
+    source = json.loads((src / "source.json").read_text())
+    assert source["train_images_shared_with_corpus"] == shared == train[2] and shared["two"] < 2 and shared["five"] < 2
+    listed = [np.asarray(Image.open(src / "images" / line.split()[0])) for line in (src / "lists" / "train.txt").read_text().splitlines()]
+    assert [x.permute(1, 2, 0).numpy().tobytes() for x in train[0]] == [x.tobytes() for x in listed]
+    same = mini_lt.classifier_train_set(mini_lt.MiniLongTailParams(mini_data=str(tmp_path / "mini"), train_draw="corpus"))
+    assert torch.equal(same[0], corpus_images) and torch.equal(same[1], corpus_labels)
+    with pytest.raises(ValueError, match="unknown train_draw"):
+        mini_lt.MiniLongTailParams(train_draw="fresh")
+    # mini data whose corpus is not what its manifest's config draws: one line, nothing written
+    shutil.copytree(tmp_path / "mini", tmp_path / "mini-other")
+    manifest = json.loads((tmp_path / "mini-other" / "manifest.json").read_text())
+    manifest["config"]["seed"] += 1
+    (tmp_path / "mini-other" / "manifest.json").write_text(json.dumps(manifest))
+    params.write_text(yaml.safe_dump({"mini_lt": {"mini_data": str(tmp_path / "mini-other"), "out_dir": str(tmp_path / "other")}}))
+    with pytest.raises(SystemExit) as e:
+        mini_lt.main(["source", "--params", str(params)])
+    assert e.value.code == 2 and "rebuild it" in capsys.readouterr().err and not (tmp_path / "other").exists()
+    params.write_text(yaml.safe_dump({"longtail": cfg, "mini_lt": {"mini_data": str(tmp_path / "mini"), "out_dir": str(src)}}))
     # counts 40 .. 2 over 8 levels; thresholds scaled from ImageNet-LT's 20 / 100 over 5..1280
     assert (spec.many_shot_threshold, spec.few_shot_threshold) == mini_lt.scaled_thresholds(2, 40)
     for stage in ("data", "heldout", "synthesize"):

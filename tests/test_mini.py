@@ -63,6 +63,20 @@ def test_splits_are_disjoint_balanced_and_long_tailed(digits):
     assert not np.array_equal(data.split_indices(labels, other)["test"], parts["test"])
 
 
+def test_corpus_pool_holds_the_corpus_first_and_no_balanced_split(digits):
+    """Each class's pool: the corpus (train split) is its first n, and no image of it is in a balanced
+    split; another draw of n from it is a long-tailed set drawn the same way (mini-lt's classifier set)."""
+    _, labels = digits
+    parts = data.split_indices(labels, CI_DATA)
+    pools = data.corpus_pool(labels, CI_DATA)
+    assert np.array_equal(np.concatenate([pool[:n] for pool, n in pools.values()]), parts["train"])
+    balanced = set(np.concatenate([parts[s] for s in data.BALANCED_SPLITS]).tolist())
+    for c, (pool, n) in pools.items():
+        assert set(labels[pool].tolist()) == {c} and n == int((labels[parts["train"]] == c).sum())
+        assert not balanced & set(pool.tolist())
+        assert len(pool) == int((labels == c).sum()) - len(balanced & set(np.flatnonzero(labels == c).tolist()))
+
+
 def test_committed_corpus_profile_is_graded_with_the_tail_digits_at_its_floor():
     """The committed mini corpus: counts fall exponentially over the class ranks to the rare (tail and
     validation) digits' floor, draw frequencies from 1 to 1/imbalance, and the scaled ImageNet-LT thresholds put at least

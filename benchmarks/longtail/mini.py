@@ -7,8 +7,18 @@ and ``test`` splits as PNG files in an ILSVRC2012-like tree (``<out>/images/<spl
 the three lists (``<out>/lists/<split>.txt``, ``<path> <label>`` lines) and ``<out>/spec.json``, the
 :class:`LongTailSpec` with the lists' sha256 and the shot-group thresholds. The long-tail stages take
 that JSON file as the benchmark name, so the data go through the same list checks and image search as
-ImageNet-LT. The classifier's training set is the corpus the mini diffusion model and its CLIP-style
-encoder were pretrained on; synthesis references come from it only.
+ImageNet-LT.
+
+The classifier's training set (``train_draw``):
+- ``independent`` (the default): a long-tailed set drawn the same way as the corpus the mini diffusion
+  model and its CLIP-style encoder were pretrained on (the same per-class counts, each class a uniform
+  draw from the images no balanced split holds), by its own keyed generator. A frequent digit's set
+  overlaps the corpus as much as the pool forces (mini-lt: zero's 170 are its whole pool); a rare digit's 5 are
+  mostly images the models never saw, as ImageNet-LT's few images of a rare class are not what SD
+  learnt that class from. ``source.json`` counts the shared images per class.
+- ``corpus``: the corpus itself: the models learnt each rare digit from exactly the images the
+  classifier trains on and synthesis starts from.
+Synthesis references come from the classifier's training set only.
 
 The tree also holds, unlisted, the mini world's ``references`` split (disjoint from train, val and test,
 and never a mini model's class data) as ``images/heldout/<class>/<class>_heldout_<k>.png``: the real
@@ -36,6 +46,7 @@ from benchmarks.params import load_section
 from pipelines.io import write_json
 
 IMAGENET_LT_RANGE = (5, 1280)   # fewest and most training images of an ImageNet-LT class
+TRAIN_DRAWS = ("independent", "corpus")
 
 
 @dataclass
@@ -45,6 +56,12 @@ class MiniLongTailParams:
     out_dir: str = "data/longtail/mini-lt-source"
     evaluator: str = "data/mini/evaluator"       # fidelity's judges: the independent evaluator and
     image_encoder: str = "data/mini/clip"        # the CLIP-style encoder of SeedSelect's loss
+    train_draw: str = "independent"              # the classifier's training set: "independent" | "corpus" (docstring)
+    seed: int = 0                                # the independent draw's key
+
+    def __post_init__(self):
+        if self.train_draw not in TRAIN_DRAWS:
+            raise ValueError(f"unknown train_draw {self.train_draw!r}; expected one of {TRAIN_DRAWS}")
 
     @property
     def spec_path(self) -> Path:
@@ -67,6 +84,35 @@ def scaled_thresholds(n_min: int, n_max: int, reference: tuple[int, int] = IMAGE
     return math.floor(cut(many)), math.ceil(cut(few))
 
 
+def classifier_train_set(p: MiniLongTailParams):
+    """``(images uint8 (N, 3, S, S), labels (N,), {class: images shared with the corpus})`` of the
+    classifier's training set, by ``p.train_draw`` (module docstring)."""
+    import numpy as np
+    import torch
+
+    from benchmarks.mini.config import DIGIT_NAMES, DataConfig
+    from benchmarks.mini.data import corpus_pool, load_source, load_split, manifest, to_rgb
+    from pipelines.sampling import derive_seed
+
+    corpus_images, corpus_labels = load_split(p.mini_data, "train")
+    if p.train_draw == "corpus":
+        return corpus_images, corpus_labels, {c: int((corpus_labels == k).sum()) for k, c in enumerate(DIGIT_NAMES)}
+    cfg = DataConfig(**manifest(p.mini_data)["config"])
+    images, labels = load_source(cfg.source)
+    pools = corpus_pool(labels, cfg)
+    corpus = np.concatenate([pool[:n] for pool, n in pools.values()])
+    if not torch.equal(to_rgb(images[corpus], cfg.image_size), corpus_images):
+        raise ValueError(f"{p.mini_data}: its train split is not the corpus its manifest's config draws from "
+                         f"{cfg.source}; rebuild it (dvc repro mini_data)")
+    drawn, shared = [], {}
+    for c, (pool, n) in pools.items():  # one keyed generator per class, as the corpus's own per-class draw
+        pick = np.random.default_rng(derive_seed("mini-lt-train", p.seed, c)).permutation(pool)[:n]
+        drawn.append(pick)
+        shared[DIGIT_NAMES[c]] = len(set(pick.tolist()) & set(pool[:n].tolist()))
+    drawn = np.concatenate(drawn)
+    return to_rgb(images[drawn], cfg.image_size), torch.from_numpy(labels[drawn]), shared
+
+
 def build_source(p: MiniLongTailParams) -> LongTailSpec:
     from PIL import Image
 
@@ -78,8 +124,9 @@ def build_source(p: MiniLongTailParams) -> LongTailSpec:
     if tmp.exists():
         shutil.rmtree(tmp)
     lists, counts = {}, {}
+    train_images, train_labels, shared = classifier_train_set(p)
     for split in SPLITS:
-        images, labels = load_split(p.mini_data, split)
+        images, labels = (train_images, train_labels) if split == "train" else load_split(p.mini_data, split)
         lines, seen = [], {}
         for img, y in zip(images, labels.tolist()):
             c = DIGIT_NAMES[y]
@@ -109,6 +156,8 @@ def build_source(p: MiniLongTailParams) -> LongTailSpec:
         (tmp / "images" / "heldout" / c).mkdir(parents=True, exist_ok=True)
         Image.fromarray(img.permute(1, 2, 0).numpy()).save(tmp / "images" / "heldout" / c / f"{c}_heldout_{k:04d}.png")
     write_json(tmp / "source.json", {"mini_data": p.mini_data, "train_images_per_class": dict(zip(DIGIT_NAMES, counts["train"])),
+                                     "train_draw": p.train_draw, "seed": p.seed,
+                                     "train_images_shared_with_corpus": shared,
                                      "threshold_rule": f"ImageNet-LT's cut points {MANY_SHOT_THRESHOLD} / {FEW_SHOT_THRESHOLD} over "
                                      f"{IMAGENET_LT_RANGE[0]}..{IMAGENET_LT_RANGE[1]} at the same relative log-count positions",
                                      "unlisted": {"images/heldout": "the mini world's references split",

@@ -106,28 +106,44 @@ def train_profile(cfg: DataConfig, classes: list[int], n_head: int) -> dict[int,
     return out
 
 
-def split_indices(labels: np.ndarray, cfg: DataConfig) -> dict[str, np.ndarray]:
+def _class_permutations(labels: np.ndarray, cfg: DataConfig) -> tuple[dict[str, int], dict[int, tuple[int, float]], dict[int, np.ndarray]]:
+    """``(balanced split sizes, corpus profile, class -> its images in the one seeded permutation)``: the
+    balanced splits take each permutation's first images in ``sizes`` order, the corpus the next ones."""
     rng = np.random.default_rng(cfg.seed)
     classes = np.unique(labels)
     class_order(cfg, classes.tolist())  # validates tail_classes / class_order before anything is drawn
     sizes = {"test": cfg.n_test, "val": cfg.n_val, "references": cfg.n_references, "encoder": cfg.n_encoder,
              "evaluator": cfg.n_evaluator}
     balanced = sum(sizes.values())
-    # too few images left for the floor: the per-class check below names the class
+    # too few images left for the floor: the per-class check in split_indices names the class
     n_head = cfg.n_train_head or max(min(int((labels == c).sum()) for c in classes) - balanced, cfg.n_train_tail)
     profile = train_profile(cfg, classes.tolist(), n_head)
+    return sizes, profile, {int(c): rng.permutation(np.flatnonzero(labels == c)) for c in classes}
+
+
+def split_indices(labels: np.ndarray, cfg: DataConfig) -> dict[str, np.ndarray]:
+    sizes, profile, perms = _class_permutations(labels, cfg)
+    balanced = sum(sizes.values())
     out: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
-    for c in classes:
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        need = balanced + profile[int(c)][0]
+    for c, idx in perms.items():
+        need = balanced + profile[c][0]
         if len(idx) < need:
             raise ValueError(f"class {c} ({DIGIT_NAMES[c]}) has {len(idx)} images, the split sizes need {need}")
         start = 0
         for split, n in sizes.items():
             out[split].append(idx[start:start + n])
             start += n
-        out["train"].append(idx[start:start + profile[int(c)][0]])
+        out["train"].append(idx[start:start + profile[c][0]])
     return {s: np.concatenate(v) for s, v in out.items()}
+
+
+def corpus_pool(labels: np.ndarray, cfg: DataConfig) -> dict[int, tuple[np.ndarray, int]]:
+    """``class -> (pool, n)``: the images no balanced split holds, in the order the corpus draws them
+    (the ``train`` split is each pool's first ``n``), and the class's corpus count ``n``. Another draw of
+    ``n`` from each pool is a long-tailed set drawn the same way as the corpus (``benchmarks.longtail.mini``)."""
+    sizes, profile, perms = _class_permutations(labels, cfg)
+    balanced = sum(sizes.values())
+    return {c: (idx[balanced:], profile[c][0]) for c, idx in perms.items()}
 
 
 def draw_weights(labels: np.ndarray, cfg: DataConfig) -> np.ndarray:
