@@ -518,21 +518,25 @@ def test_mini_lt_synthesis_plans_the_rare_classes_and_feeds_training(tmp_path, c
     assert mini_lt.main(["source", "--params", str(params)]) == 0
     spec = get_benchmark(str(src / "spec.json"))
     # the classifier's set: the corpus's counts, drawn apart from it (the rare digits' mostly new images),
-    # never an image of a balanced split; `corpus` gives the corpus itself
+    # never an image of a balanced split, each named by its source index; `corpus` gives the corpus itself
     corpus_images, corpus_labels = load_split(tmp_path / "mini", "train")
-    train = mini_lt.classifier_train_set(mini_lt.MiniLongTailParams(mini_data=str(tmp_path / "mini")))
-    assert torch.equal(torch.bincount(train[1], minlength=10), torch.bincount(corpus_labels, minlength=10))
+    listed = [line.split() for line in (src / "lists" / "train.txt").read_text().splitlines()]
+    train = torch.stack([torch.from_numpy(np.array(Image.open(src / "images" / f))).permute(2, 0, 1) for f, _ in listed])
+    train_labels = torch.tensor([int(y) for _, y in listed])
+    assert torch.equal(torch.bincount(train_labels, minlength=10), torch.bincount(corpus_labels, minlength=10))
     corpus_set = {x.numpy().tobytes() for x in corpus_images}
     held = {x.numpy().tobytes() for s in ("test", "val", "references", "encoder", "evaluator") for x in load_split(tmp_path / "mini", s)[0]}
-    assert not held & {x.numpy().tobytes() for x in train[0]}
-    shared = {c: sum(x.numpy().tobytes() in corpus_set for x, y in zip(train[0], train[1].tolist()) if y == k)
+    assert not held & {x.numpy().tobytes() for x in train}
+    shared = {c: sum(x.numpy().tobytes() in corpus_set for x, y in zip(train, train_labels.tolist()) if y == k)
               for k, c in enumerate(spec.classes)}
     source = json.loads((src / "source.json").read_text())
-    assert source["train_images_shared_with_corpus"] == shared == train[2] and shared["two"] < 2 and shared["five"] < 2
-    listed = [np.asarray(Image.open(src / "images" / line.split()[0])) for line in (src / "lists" / "train.txt").read_text().splitlines()]
-    assert [x.permute(1, 2, 0).numpy().tobytes() for x in train[0]] == [x.tobytes() for x in listed]
-    same = mini_lt.classifier_train_set(mini_lt.MiniLongTailParams(mini_data=str(tmp_path / "mini"), train_draw="corpus"))
-    assert torch.equal(same[0], corpus_images) and torch.equal(same[1], corpus_labels)
+    assert source["train_images_shared_with_corpus"] == shared and shared["two"] < 2 and shared["five"] < 2
+    images, labels, parts, _ = mini_lt.source_splits(mini_lt.MiniLongTailParams(mini_data=str(tmp_path / "mini")))
+    assert [f for f, _ in listed] == [f"train/{spec.classes[labels[i]]}/{spec.classes[labels[i]]}_train_{i:04d}.png"
+                                      for i in parts["train"].tolist()]
+    images, labels, parts, shared = mini_lt.source_splits(mini_lt.MiniLongTailParams(mini_data=str(tmp_path / "mini"), train_draw="corpus"))
+    assert torch.equal(images[parts["train"]], corpus_images) and torch.equal(labels[parts["train"]], corpus_labels)
+    assert shared == {c: int((corpus_labels == k).sum()) for k, c in enumerate(spec.classes)}
     with pytest.raises(ValueError, match="unknown train_draw"):
         mini_lt.MiniLongTailParams(train_draw="fresh")
     # mini data whose corpus is not what its manifest's config draws: one line, nothing written

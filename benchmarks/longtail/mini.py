@@ -84,62 +84,68 @@ def scaled_thresholds(n_min: int, n_max: int, reference: tuple[int, int] = IMAGE
     return math.floor(cut(many)), math.ceil(cut(few))
 
 
-def classifier_train_set(p: MiniLongTailParams):
-    """``(images uint8 (N, 3, S, S), labels (N,), {class: images shared with the corpus})`` of the
-    classifier's training set, by ``p.train_draw`` (module docstring)."""
+def source_splits(p: MiniLongTailParams):
+    """``(images uint8 (N, 3, S, S) and labels (N,) of the mini world's whole source, {split: source
+    indices}, {class: training images shared with the corpus})``. ``val`` / ``test`` / ``heldout`` are the
+    mini world's val / test / references splits; ``train`` is drawn by ``p.train_draw`` (module
+    docstring). The splits are re-derived from the config saved beside the mini data and must be the
+    ones it holds."""
     import numpy as np
     import torch
 
     from benchmarks.mini.config import DIGIT_NAMES, DataConfig
-    from benchmarks.mini.data import corpus_pool, load_source, load_split, manifest, to_rgb
+    from benchmarks.mini.data import corpus_pool, load_source, load_split, manifest, split_indices, to_rgb
     from pipelines.sampling import derive_seed
 
-    corpus_images, corpus_labels = load_split(p.mini_data, "train")
-    if p.train_draw == "corpus":
-        return corpus_images, corpus_labels, {c: int((corpus_labels == k).sum()) for k, c in enumerate(DIGIT_NAMES)}
     cfg = DataConfig(**manifest(p.mini_data)["config"])
-    images, labels = load_source(cfg.source)
-    pools = corpus_pool(labels, cfg)
-    corpus = np.concatenate([pool[:n] for pool, n in pools.values()])
-    if not torch.equal(to_rgb(images[corpus], cfg.image_size), corpus_images):
-        raise ValueError(f"{p.mini_data}: its train split is not the corpus its manifest's config draws from "
-                         f"{cfg.source}; rebuild it (dvc repro mini_data)")
-    drawn, shared = [], {}
-    for c, (pool, n) in pools.items():  # one keyed generator per class, as the corpus's own per-class draw
-        pick = np.random.default_rng(derive_seed("mini-lt-train", p.seed, c)).permutation(pool)[:n]
-        drawn.append(pick)
-        shared[DIGIT_NAMES[c]] = len(set(pick.tolist()) & set(pool[:n].tolist()))
-    drawn = np.concatenate(drawn)
-    return to_rgb(images[drawn], cfg.image_size), torch.from_numpy(labels[drawn]), shared
+    x, labels = load_source(cfg.source)
+    images = to_rgb(x, cfg.image_size)
+    parts = split_indices(labels, cfg)
+    for split in ("train", "val", "test", "references"):
+        if not torch.equal(images[parts[split]], load_split(p.mini_data, split)[0]):
+            raise ValueError(f"{p.mini_data}: its {split} split is not the one its manifest's config draws from "
+                             f"{cfg.source}; rebuild it (dvc repro mini_data)")
+    corpus = parts["train"]
+    if p.train_draw == "independent":  # one keyed generator per class, as the corpus's own per-class draw
+        train = np.concatenate([np.random.default_rng(derive_seed("mini-lt-train", p.seed, c)).permutation(pool)[:n]
+                                for c, (pool, n) in corpus_pool(labels, cfg).items()])
+    else:
+        train = corpus
+    shared = {c: int(np.isin(train[labels[train] == k], corpus).sum()) for k, c in enumerate(DIGIT_NAMES)}
+    return images, torch.from_numpy(labels), {"train": train, "val": parts["val"], "test": parts["test"],
+                                              "heldout": parts["references"]}, shared
 
 
 def build_source(p: MiniLongTailParams) -> LongTailSpec:
     from PIL import Image
 
     from benchmarks.mini.config import DIGIT_NAMES
-    from benchmarks.mini.data import load_split
 
     out = Path(p.out_dir)
     tmp = out.with_name(f".{out.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
+    images, labels, parts, shared = source_splits(p)
+
+    def write(split: str, folder: str) -> list[str]:
+        """``<folder>/<class>/<class>_<split>_<source index>.png``: the name says which source image it is
+        (unique over splits, found by name alone; another draw gives other names, lists and checksums)."""
+        lines = []
+        for i in parts[split].tolist():
+            c = DIGIT_NAMES[int(labels[i])]
+            rel = f"{folder}/{c}/{c}_{split}_{i:04d}.png"
+            (tmp / "images" / folder / c).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(images[i].permute(1, 2, 0).numpy()).save(tmp / "images" / rel)
+            lines.append(f"{rel} {int(labels[i])}\n")
+        return lines
+
     lists, counts = {}, {}
-    train_images, train_labels, shared = classifier_train_set(p)
     for split in SPLITS:
-        images, labels = (train_images, train_labels) if split == "train" else load_split(p.mini_data, split)
-        lines, seen = [], {}
-        for img, y in zip(images, labels.tolist()):
-            c = DIGIT_NAMES[y]
-            k = seen[c] = seen.get(c, -1) + 1
-            rel = f"{split}/{c}/{c}_{split}_{k:04d}.png"  # file names unique over splits: found by name alone
-            (tmp / "images" / split / c).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(img.permute(1, 2, 0).numpy()).save(tmp / "images" / rel)
-            lines.append(f"{rel} {y}\n")
-        text = "".join(lines).encode()
+        text = "".join(write(split, split)).encode()
         (tmp / "lists").mkdir(parents=True, exist_ok=True)
         (tmp / "lists" / f"{split}.txt").write_bytes(text)
         lists[split] = ListFile(sha256(text), f"{split}.txt", path=str(out / "lists" / f"{split}.txt"), size=len(text))
-        counts[split] = [seen.get(c, -1) + 1 for c in DIGIT_NAMES]
+        counts[split] = [int((labels[parts[split]] == k).sum()) for k in range(len(DIGIT_NAMES))]
     many, few = scaled_thresholds(min(counts["train"]), max(counts["train"]))
     per_class = {s: counts[s][0] for s in ("val", "test") if len(set(counts[s])) == 1}
     if len(per_class) != 2:
@@ -148,20 +154,15 @@ def build_source(p: MiniLongTailParams) -> LongTailSpec:
                         images_per_split={s: sum(counts[s]) for s in SPLITS}, images_per_class=per_class,
                         many_shot_threshold=many, few_shot_threshold=few, image_size=int(images.shape[-1]))
     write_json(tmp / "spec.json", spec.to_json())
-    images, labels = load_split(p.mini_data, "references")
-    held = {}
-    for img, y in zip(images, labels.tolist()):  # unlisted: the heldout stage's candidates
-        c = DIGIT_NAMES[y]
-        k = held[c] = held.get(c, -1) + 1
-        (tmp / "images" / "heldout" / c).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img.permute(1, 2, 0).numpy()).save(tmp / "images" / "heldout" / c / f"{c}_heldout_{k:04d}.png")
+    write("heldout", "heldout")  # unlisted: the heldout stage's candidates
+    held = [int((labels[parts["heldout"]] == k).sum()) for k in range(len(DIGIT_NAMES))]
     write_json(tmp / "source.json", {"mini_data": p.mini_data, "train_images_per_class": dict(zip(DIGIT_NAMES, counts["train"])),
                                      "train_draw": p.train_draw, "seed": p.seed,
                                      "train_images_shared_with_corpus": shared,
                                      "threshold_rule": f"ImageNet-LT's cut points {MANY_SHOT_THRESHOLD} / {FEW_SHOT_THRESHOLD} over "
                                      f"{IMAGENET_LT_RANGE[0]}..{IMAGENET_LT_RANGE[1]} at the same relative log-count positions",
                                      "unlisted": {"images/heldout": "the mini world's references split",
-                                                  "images_per_class": {c: n + 1 for c, n in held.items()}}})
+                                                  "images_per_class": dict(zip(DIGIT_NAMES, held))}})
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
