@@ -1,9 +1,10 @@
 """The offline long-tail benchmark ``mini-lt``, built from the miniature world (``benchmarks/mini``):
 the default of ``dvc repro``.
 
-``source`` writes the mini world's long-tailed corpus (the ``train`` split: graded counts, the tail
-digits at the floor, see :func:`benchmarks.mini.data.train_profile`) and its balanced held-out ``val``
-and ``test`` splits as PNG files in an ILSVRC2012-like tree (``<out>/images/<split>/<class>/<file>``),
+``source`` writes a long-tailed ``train`` split with the mini world's corpus profile (graded counts,
+the tail digits at the floor, see :func:`benchmarks.mini.data.train_profile`; which images: below) and
+the mini world's balanced held-out ``val`` and ``test`` splits as PNG files in an ILSVRC2012-like tree
+(``<out>/images/<split>/<class>/<class>_<split>_<source index>.png``),
 the three lists (``<out>/lists/<split>.txt``, ``<path> <label>`` lines) and ``<out>/spec.json``, the
 :class:`LongTailSpec` with the lists' sha256 and the shot-group thresholds. The long-tail stages take
 that JSON file as the benchmark name, so the data go through the same list checks and image search as
@@ -21,7 +22,7 @@ The classifier's training set (``train_draw``):
 Synthesis references come from the classifier's training set only.
 
 The tree also holds, unlisted, the mini world's ``references`` split (disjoint from train, val and test,
-and never a mini model's class data) as ``images/heldout/<class>/<class>_heldout_<k>.png``: the real
+and never a mini model's class data) as ``images/heldout/<class>/<class>_heldout_<source index>.png``: the real
 training images outside the lists that the ``heldout`` stage draws from, as it draws ILSVRC2012 training
 images outside ImageNet-LT's lists (:mod:`benchmarks.longtail.heldout`).
 
