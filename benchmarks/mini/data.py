@@ -9,8 +9,9 @@ Splits (per class, drawn without overlap from one seeded permutation):
                  SeedSelect / NAO start from (so a replicate resamples the reference set too)
 - ``encoder``    balanced split of the VAE and of DCT's guide classifier
 - ``evaluator``  balanced split of the independent evaluator classifier
-- ``train``      the long-tailed corpus (:func:`train_profile`) the diffusion model, the CLIP-style
-                 image encoder and the long-tail classifiers train on: graded image counts from
+- ``train``      the long-tailed corpus (:func:`train_profile`) the diffusion model and the CLIP-style
+                 image encoder train on (mini-lt's classifiers on another draw of the same profile from
+                 the images no balanced split holds, :func:`corpus_pool`): graded image counts from
                  ``n_train_head`` down to ``n_train_tail``, and per-image draw weights that make a class
                  up to ``imbalance`` times rarer than the most frequent one in what the models see (the
                  prototype needed >= 300x for the plain model to miss the tail). The rare classes (tail
