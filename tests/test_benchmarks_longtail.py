@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
+from benchmarks.intervals import ZERO_WIDTH_NOTE, t_interval
 from benchmarks.longtail import data, evaluation, heldout, reports, stages, synthesis, training
 from benchmarks.longtail.registry import (IMAGENET_LT_TRAIN_SHA256, SPLITS, get_benchmark, list_benchmarks,
                                           register_benchmark, with_train_list)
@@ -345,6 +346,25 @@ def test_the_logit_adjustment_prior_can_come_from_other_counts(tmp_path, monkeyp
 
 # --- extra images and the synthesis rule ---------------------------------------------------------
 
+def test_gain_over_real_pairs_the_values_by_training_seed():
+    """A method's gain over real-only: one difference per training seed both hold, matched by seed id,
+    not by position; no shared seed (or a CSV without seed ids) gives no figure."""
+    def row(method, values, seeds):
+        return {"benchmark": "b", "method": method, "loss": "ce", "metric": "few", "mean": float(np.mean(values)),
+                "ci95": 0.0, "seeds": len(values), "values": ";".join(map(str, values)), "seed_ids": ";".join(map(str, seeds))}
+
+    real = row("real", [0.5, 0.2, 0.8], [0, 1, 2])
+    # by seed id: +0.1 at every seed (by position it would be +0.4, +0.4, -0.5: the same mean, a wide interval)
+    mean, half, n = reports.paired_gain(row("sd", [0.9, 0.6, 0.3], [2, 0, 1]), real)
+    assert (mean, half, n) == (pytest.approx(0.1), 0.0, 3)
+    assert reports.paired_gain(row("sd", [0.7, 0.4], [0, 1]), real)[2] == 2
+    assert math.isnan(reports.paired_gain(row("sd", [0.7], [5]), real)[0])
+    assert math.isnan(reports.paired_gain({**row("sd", [0.7, 0.4, 0.1], [0, 1, 2]), "seed_ids": None}, real)[0])
+    table = reports.gain_table([real, row("sd", [0.9, 0.6, 0.3], [2, 0, 1])])
+    assert "| sd | ce | – | – | +10.0 ± 0.0† | – |" in table and table.rstrip().endswith(ZERO_WIDTH_NOTE)
+    assert reports.gain_table([real]) == ""
+
+
 def test_synthesis_plan_selects_medium_and_few_classes():
     counts = {"a": 150, "b": 100, "c": 20, "d": 19, "e": 5}
     assert synthesis.synthesis_plan(counts, images_per_class=10) == {"b": 10, "c": 10, "d": 10, "e": 10}
@@ -438,9 +458,20 @@ def test_tiny_train_evaluate_report_through_the_cli(fixture, tmp_path, caplog, c
     assert {c["prior"] for c in configs if c["loss"] == "logit-adjusted"} == {"all", "real"}
     md = (res / "accuracy.md").read_text()
     assert "| method | loss | many (1 class) | medium (2 classes) | few (2 classes) | overall |" in md
-    assert md.count("| real |") == 2 and md.count("| sd |") == 2
+    assert md.count("| real |") == 2 and md.count("| sd |") == 4   # sd: its accuracies, then its gains over real
     metrics = json.loads((res / "metrics.json").read_text())
     assert set(metrics[spec.name]["real"]["ce"]) == set(evaluation.METRICS)
+    # sd's gain over real, paired by seed: the per-seed differences of the CSV's values, in the table and metrics
+    cell = {(r["method"], r["loss"], r["metric"]): r for r in rows}
+    for loss in ("ce", "logit-adjusted"):
+        for k in evaluation.METRICS:
+            diffs = [float(a) - float(b) for a, b in zip(cell[("sd", loss, k)]["values"].split(";"),
+                                                         cell[("real", loss, k)]["values"].split(";"))]
+            mean, half = t_interval(diffs)
+            got = metrics[spec.name]["sd"][loss][k]
+            assert got["gain"] == pytest.approx(mean, abs=1e-6) and got["gain_ci95"] == pytest.approx(half, abs=1e-6)
+            assert "gain" not in metrics[spec.name]["real"][loss][k]
+    assert "Gain over `real` with the same loss (points)" in md
     per_class = reports.read_class_csv(res / "per_class.csv")
     assert sorted({(r["class_name"], r["train_images"], r["group"]) for r in per_class}) == sorted(
         zip(WNIDS, TRAIN, ("many", "medium", "medium", "few", "few")))

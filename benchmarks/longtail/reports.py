@@ -1,6 +1,7 @@
 """Long-tail reports: ``accuracy.csv`` / ``accuracy.md`` (method x loss x many / medium / few /
-overall, mean ± 95% CI over seeds), DVC metrics and a plot of per-class accuracy against the number of
-training images, one line per method."""
+overall, mean ± 95% CI over seeds; then each method's gain over real-only, paired by training seed),
+DVC metrics and a plot of per-class accuracy against the number of training images, one line per
+method."""
 from __future__ import annotations
 
 import csv
@@ -10,11 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.intervals import format_interval, notes_for
+from benchmarks.intervals import format_interval, notes_for, t_interval
 from benchmarks.longtail.evaluation import METRICS
 from pipelines.io import save_figure, write_json, write_text
 
-ROW_FIELDS = ["benchmark", "method", "loss", "metric", "mean", "ci95", "seeds", "values"]
+ROW_FIELDS = ["benchmark", "method", "loss", "metric", "mean", "ci95", "seeds", "values", "seed_ids"]
+BASELINE = "real"   # the gains' reference: the real training set alone
 CLASS_FIELDS = ["benchmark", "method", "loss", "class_name", "train_images", "group", "accuracy"]
 
 
@@ -30,7 +32,8 @@ def accuracy_rows(benchmark: str, method: str, loss: str, summary: dict) -> list
     """CSV rows of one (method, loss) from :func:`benchmarks.longtail.evaluation.summarise`."""
     return [{"benchmark": benchmark, "method": method, "loss": loss, "metric": m, "mean": summary[m]["mean"],
              "ci95": summary[m]["ci95"], "seeds": len(summary[m]["seeds"]),
-             "values": ";".join(f"{v:.6f}" for v in summary[m]["values"])} for m in METRICS]
+             "values": ";".join(f"{v:.6f}" for v in summary[m]["values"]),
+             "seed_ids": ";".join(str(s) for s in summary[m]["seeds"])} for m in METRICS]
 
 
 def write_accuracy_csv(rows: list[dict], path: str | Path) -> Path:
@@ -76,13 +79,63 @@ def markdown_table(rows: list[dict], methods: list[str] | None = None, group_siz
     return "\n".join(out + ([f"\n{note}"] if note else [])) + "\n"
 
 
+def _by_seed(row: dict) -> dict[str, float]:
+    """Seed -> value; empty for a row without seed ids (a CSV from before they were written: no pairing)."""
+    if not row.get("seed_ids"):
+        return {}
+    return dict(zip(row["seed_ids"].split(";"), map(float, row["values"].split(";"))))
+
+
+def paired_gain(row: dict, base: dict) -> tuple[float, float, int]:
+    """``(mean, 95% half-width, seeds)`` of ``row`` minus ``base`` over the training seeds both hold,
+    each seed's difference one replicate (a seed fixes the classifier's initialisation, so the
+    difference leaves out the part of the spread that the seed gives both); NaN where none is shared."""
+    mine, theirs = _by_seed(row), _by_seed(base)
+    diffs = [mine[s] - theirs[s] for s in mine if s in theirs and not math.isnan(mine[s] - theirs[s])]
+    return (*t_interval(diffs), len(diffs)) if diffs else (math.nan, math.nan, 0)
+
+
+def gains(rows: list[dict]) -> dict[tuple[str, str, str, str], tuple[float, float, int]]:
+    """``(benchmark, method, loss, metric) -> paired_gain`` over ``BASELINE`` with the same loss."""
+    base = {(r["benchmark"], r["loss"], r["metric"]): r for r in rows if r["method"] == BASELINE}
+    return {(r["benchmark"], r["method"], r["loss"], r["metric"]): paired_gain(r, base[(r["benchmark"], r["loss"], r["metric"])])
+            for r in rows if r["method"] != BASELINE and (r["benchmark"], r["loss"], r["metric"]) in base}
+
+
+def gain_table(rows: list[dict], methods: list[str] | None = None) -> str:
+    """Methods x losses, many / medium / few / overall: the gain over ``BASELINE`` in points, mean ± 95% CI
+    of the per-seed differences; empty without the baseline."""
+    g = {(m, loss, k): v for (_, m, loss, k), v in gains(rows).items()}
+    if not g:
+        return ""
+    order = [m for m in (methods or []) if any(key[0] == m for key in g)]
+    order += sorted({key[0] for key in g} - set(order))
+    seeds = sorted({v[2] for v in g.values()})
+    out = [f"Gain over `{BASELINE}` with the same loss (points): mean ± 95% CI (Student t) of the per-seed differences "
+           f"over {'/'.join(map(str, seeds))} training seeds (the same seed: the same initialisation).\n",
+           "| method | loss | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
+    for m in order:
+        for loss in sorted({key[1] for key in g if key[0] == m}):
+            out.append(f"| {m} | {loss} | " + " | ".join(
+                format_interval(*g[(m, loss, k)][:2], 100, 1, "+") if (m, loss, k) in g else "–" for k in METRICS) + " |")
+    note = notes_for("\n".join(out))
+    return "\n".join(out + ([f"\n{note}"] if note else [])) + "\n"
+
+
 def metrics(rows: list[dict]) -> dict:
-    """DVC metrics: ``{benchmark: {method: {loss: {metric: {"mean", "ci95", "seeds"}}}}}``."""
+    """DVC metrics: ``{benchmark: {method: {loss: {metric: {"mean", "ci95", "seeds"[, "gain", "gain_ci95"]}}}}}``,
+    the gain over ``BASELINE`` paired by seed (:func:`paired_gain`)."""
+    def num(x: float) -> float | None:
+        return None if math.isnan(x) else round(x, 6)
+
     out: dict = {}
+    g = gains(rows)
     for r in rows:
-        out.setdefault(r["benchmark"], {}).setdefault(r["method"], {}).setdefault(r["loss"], {})[r["metric"]] = {
-            "mean": None if math.isnan(r["mean"]) else round(r["mean"], 6),
-            "ci95": None if math.isnan(r["ci95"]) else round(r["ci95"], 6), "seeds": r["seeds"]}
+        cell = out.setdefault(r["benchmark"], {}).setdefault(r["method"], {}).setdefault(r["loss"], {})[r["metric"]] = {
+            "mean": num(r["mean"]), "ci95": num(r["ci95"]), "seeds": r["seeds"]}
+        key = (r["benchmark"], r["method"], r["loss"], r["metric"])
+        if key in g:
+            cell.update(gain=num(g[key][0]), gain_ci95=num(g[key][1]))
     return out
 
 
@@ -137,7 +190,7 @@ def write_report(rows: list[dict], class_rows: list[dict], out_dir: str | Path, 
         if (r["method"], r["loss"]) == key:
             sizes[r["group"]] = sizes.get(r["group"], 0) + 1
     text = (f"# Long-tail accuracy: {bench}\n\n" + "".join(f"{n}\n\n" for n in notes)
-            + markdown_table(rows, methods, sizes))
+            + markdown_table(rows, methods, sizes) + (f"\n{table}" if (table := gain_table(rows, methods)) else ""))
     return {"md": write_text(out_dir / "accuracy.md", text),
             "metrics": write_json(out_dir / "metrics.json", metrics(rows)),
             "plot": plot_per_class(class_rows, out_dir / "per_class_accuracy.png", many_threshold, few_threshold, bench)}
