@@ -508,7 +508,7 @@ def test_tiny_train_evaluate_report_through_the_cli(fixture, tmp_path, caplog, c
     assert "\n" not in err and err.startswith(f"error: {bad}: image does not decode"), err
 
 
-# --- mini-lt: the miniature world's corpus, synthesis for the rare classes on tiny models ----------
+# --- mini-lt: a training set drawn like the miniature world's corpus, synthesis for the rare classes ------
 
 def test_mini_lt_synthesis_plans_the_rare_classes_and_feeds_training(tmp_path, capsys):
     """mini world data (scikit-learn digits) -> mini-lt source -> data -> synthesize through the REAL
@@ -570,6 +570,10 @@ def test_mini_lt_synthesis_plans_the_rare_classes_and_feeds_training(tmp_path, c
     assert shared == {c: int((corpus_labels == k).sum()) for k, c in enumerate(spec.classes)}
     with pytest.raises(ValueError, match="unknown train_draw"):
         mini_lt.MiniLongTailParams(train_draw="fresh")
+    # the draw's key: another seed draws other rare-digit images, the same counts
+    other = mini_lt.source_splits(mini_lt.MiniLongTailParams(mini_data=str(tmp_path / "mini"), seed=1))[2]["train"]
+    assert np.array_equal(np.bincount(labels[other], minlength=10), np.bincount(labels[parts["train"]], minlength=10))
+    assert set(other.tolist()) != set(mini_lt.source_splits(mini_lt.MiniLongTailParams(mini_data=str(tmp_path / "mini")))[2]["train"].tolist())
     # mini data whose corpus is not what its manifest's config draws: one line, nothing written
     shutil.copytree(tmp_path / "mini", tmp_path / "mini-other")
     manifest = json.loads((tmp_path / "mini-other" / "manifest.json").read_text())
@@ -578,7 +582,18 @@ def test_mini_lt_synthesis_plans_the_rare_classes_and_feeds_training(tmp_path, c
     params.write_text(yaml.safe_dump({"mini_lt": {"mini_data": str(tmp_path / "mini-other"), "out_dir": str(tmp_path / "other")}}))
     with pytest.raises(SystemExit) as e:
         mini_lt.main(["source", "--params", str(params)])
-    assert e.value.code == 2 and "rebuild it" in capsys.readouterr().err and not (tmp_path / "other").exists()
+    assert e.value.code == 2 and "rebuild it" in capsys.readouterr().err \
+        and not (tmp_path / "other").exists() and not (tmp_path / ".other.tmp").exists()
+    for damage in ("{", json.dumps({"class_names": []}), json.dumps({"config": {"no_such_field": 1}})):
+        (tmp_path / "mini-other" / "manifest.json").write_text(damage)
+        with pytest.raises(SystemExit) as e:
+            mini_lt.main(["source", "--params", str(params)])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and "\n" not in err and "manifest.json: no readable mini data config" in err, err
+    (tmp_path / "mini-other" / "manifest.json").unlink()
+    with pytest.raises(SystemExit) as e:
+        mini_lt.main(["source", "--params", str(params)])
+    assert e.value.code == 2 and "run the mini_data stage" in capsys.readouterr().err
     params.write_text(yaml.safe_dump({"longtail": cfg, "mini_lt": {"mini_data": str(tmp_path / "mini"), "out_dir": str(src)}}))
     # counts 40 .. 2 over 8 levels; thresholds scaled from ImageNet-LT's 20 / 100 over 5..1280
     assert (spec.many_shot_threshold, spec.few_shot_threshold) == mini_lt.scaled_thresholds(2, 40)

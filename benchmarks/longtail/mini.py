@@ -13,9 +13,9 @@ ImageNet-LT.
 The classifier's training set (``train_draw``):
 - ``independent`` (the default): a long-tailed set drawn the same way as the corpus the mini diffusion
   model and its CLIP-style encoder were pretrained on (the same per-class counts, each class a uniform
-  draw from the images no balanced split holds), by its own keyed generator. A frequent digit's set
-  overlaps the corpus as much as the pool forces (mini-lt: zero's 170 are its whole pool); a rare digit's 5 are
-  mostly images the models never saw, as ImageNet-LT's few images of a rare class are not what SD
+  draw from the images no balanced split holds), by its own keyed generator. The most frequent digits'
+  sets overlap the corpus as much as the pool forces (mini-lt: zero's 170 are its whole pool); a rare
+  digit's 5 are mostly images the models never saw, as ImageNet-LT's few images of a rare class are not what SD
   learnt that class from. ``source.json`` counts the shared images per class.
 - ``corpus``: the corpus itself: the models learnt each rare digit from exactly the images the
   classifier trains on and synthesis starts from.
@@ -98,7 +98,14 @@ def source_splits(p: MiniLongTailParams):
     from benchmarks.mini.data import corpus_pool, load_source, load_split, manifest, split_indices, to_rgb
     from pipelines.sampling import derive_seed
 
-    cfg = DataConfig(**manifest(p.mini_data)["config"])
+    path = Path(p.mini_data) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"mini world data not built: {path} (run the mini_data stage)")
+    try:
+        cfg = DataConfig(**manifest(p.mini_data)["config"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:  # damaged, or written by other code
+        raise ValueError(f"{path}: no readable mini data config ({type(e).__name__}: {e}); rebuild it "
+                         "(dvc repro mini_data)") from None
     x, labels = load_source(cfg.source)
     images = to_rgb(x, cfg.image_size)
     parts = split_indices(labels, cfg)
