@@ -131,6 +131,30 @@ def test_load_reference_images_errors_and_conversions(tmp_path, folders):
     assert all(r.image.mode == "RGB" for r in refs)
 
 
+def test_lazy_reference_files_hold_no_pixels_and_are_the_same_references(tmp_path, folders, seedselect):
+    """lazy=True: each file checked and hashed on loading, no decoded image kept, and the same hash,
+    pixels, cached encodings and contrastive seeds as the eager references (negatives use them)."""
+    from pipelines.references import ReferenceFile
+
+    files = sorted(p for p in (folders / "refs").iterdir() if p.suffix != ".txt")  # grey, palette, alpha: converted
+    eager, lazy = load_reference_images(files), load_reference_images(files, lazy=True)
+    assert all(isinstance(r, ReferenceFile) for r in lazy) and [r.name for r in lazy] == [r.name for r in eager]
+    assert [r.content_hash for r in lazy] == [r.content_hash for r in eager]
+    assert all(a.image.tobytes() == b.image.tobytes() and b.image.mode == "RGB" for a, b in zip(eager, lazy))
+    assert not any(isinstance(v, Image.Image) for r in lazy for v in vars(r).values())
+    first = encode_references(seedselect, eager, tmp_path)
+    again = encode_references(seedselect, lazy, tmp_path)   # the eager set's cache entry
+    assert len(list(tmp_path.glob("refenc-*.safetensors"))) == 1 and torch.equal(first.clip, again.clip)
+    kw = dict(num_inference_steps=2, iterations=1, last_k_weights=(1.0,), batch_size=2, progress=False)
+    pushed = seedselect("a cat", _refs(0), 1, seed=3, negative_reference_images=[eager[:2]], **kw)
+    assert torch.equal(seedselect("a cat", _refs(0), 1, seed=3, negative_reference_images=[lazy[:2]], **kw).seeds,
+                       pushed.seeds)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG not really")
+    with pytest.raises(ValueError, match="broken.png"):
+        load_reference_images([files[0], broken], lazy=True)
+
+
 # ------------------------------------------------------------------------------- SeedSelect
 def test_reference_presets_are_the_authors_settings():
     from pipelines.registry import get_method

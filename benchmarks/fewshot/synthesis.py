@@ -153,7 +153,8 @@ def pipeline_generator(method: str, settings: dict | None = None) -> Generator:
     ``prompt_template``, DCT's ``classifier``), and ``negatives``, a table (:func:`write_negatives`) of
     classes that a contrastive method pushes every image from besides the group's own (the table's
     classes whose references are a group concept's are that concept). Models are loaded once and
-    shared by every method of the process, the negatives' images once per generator; ``cache_dir``
+    shared by every method of the process; the negatives' files are hashed once per generator and
+    decoded again only to encode them, their pixels never held (``ReferenceFile``); ``cache_dir``
     should outlive the call, so that reference encodings, inversions and DCT class tokens are computed once per class
     rather than once per support set."""
     from pipelines.registry import get_method
@@ -179,7 +180,7 @@ def pipeline_generator(method: str, settings: dict | None = None) -> Generator:
             key = tuple(entry["references"])
             if key and key not in own:
                 if key not in loaded:
-                    loaded[key] = load_reference_images(list(key))
+                    loaded[key] = load_reference_images(list(key), lazy=True)  # only their encodings are used
                 out.append(loaded[key])
         return out
 
