@@ -31,8 +31,9 @@ class ReferenceImage:
 
     @cached_property  # hashed once, however many calls contrast with it
     def content_hash(self) -> str:
-        h = hashlib.sha256(f"{self.image.size}".encode())
-        h.update(self.image.tobytes())
+        image = self.image  # once: a ReferenceFile decodes on each access
+        h = hashlib.sha256(f"{image.size}".encode())
+        h.update(image.tobytes())
         return h.hexdigest()
 
 
