@@ -317,6 +317,23 @@ def test_an_interrupted_training_run_resumes_to_the_same_model(tmp_path, monkeyp
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
 
 
+def test_decode_once_gives_the_same_samples_and_opens_each_file_once(tmp_path, monkeypatch):
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        paths[-1].write_bytes(jpeg(i, i))
+    cfg = training.TrainConfig(image_size=12, crop_scale=(0.5, 1.0), color_jitter=0.0)
+    opened = []
+    real_open = training.Image.open
+    monkeypatch.setattr(training.Image, "open", lambda p, *a, **k: opened.append(p) or real_open(p, *a, **k))
+    files = [training.ImageFiles(paths, [0, 1, 2], training.transforms(cfg, train=False), decode_once=d) for d in (False, True)]
+    for _ in range(2):  # two epochs
+        for i in range(3):
+            (a, ya), (b, yb) = files[0][i], files[1][i]
+            assert torch.equal(a, b) and ya == yb
+    assert len(opened) == 2 * 3 + 3   # every access without decode_once, each file once with it
+
+
 def test_the_logit_adjustment_prior_can_come_from_other_counts(tmp_path, monkeypatch):
     """``prior_counts`` (the real images' counts when generated images are added) replaces the label
     counts of the training images in the loss, and only there."""

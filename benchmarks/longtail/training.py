@@ -52,6 +52,7 @@ class TrainConfig:
     test_resize: float = 256 / 224    # test: Resize(image_size * test_resize) + CenterCrop(image_size)
     amp: bool = True                  # bfloat16 autocast on CUDA
     num_workers: int = 8
+    decode_once: bool = False         # keep each decoded image in memory for the next epochs (small sets: mini-lt)
     eval_batch_size: int = 256
     device: str = "auto"
 
@@ -101,15 +102,24 @@ def transforms(cfg: TrainConfig, train: bool):
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    def __init__(self, paths: Sequence[str], labels: Sequence[int], transform):
+    """``(transformed image, label)`` per file; with ``decode_once`` each file is decoded on first use
+    and kept (the same pixels, so the same batches: only for sets that fit in memory)."""
+
+    def __init__(self, paths: Sequence[str], labels: Sequence[int], transform, decode_once: bool = False):
         self.paths, self.labels, self.transform = list(paths), torch.as_tensor(np.asarray(labels)), transform
+        self.decoded: dict[int, Image.Image] | None = {} if decode_once else None
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        with Image.open(self.paths[i]) as im:
-            return self.transform(im.convert("RGB")), self.labels[i]
+        image = self.decoded.get(i) if self.decoded is not None else None
+        if image is None:
+            with Image.open(self.paths[i]) as im:
+                image = im.convert("RGB")
+            if self.decoded is not None:
+                self.decoded[i] = image
+        return self.transform(image), self.labels[i]
 
 
 def training_items(paths: Sequence[str], labels: Sequence[int], classes: Sequence[str],
@@ -178,7 +188,8 @@ def train_classifier(paths: Sequence[str], labels: np.ndarray, num_classes: int,
     model = distributed.global_batch_norm(create_model(cfg, num_classes).to(device))
     batches = distributed.GlobalBatches(len(paths), cfg.batch_size, seed, drop_last=len(paths) > cfg.batch_size)
     loader = torch.utils.data.DataLoader(
-        distributed.KeyedRows(ImageFiles(paths, labels, transforms(cfg, train=True)), seed), batch_sampler=batches,
+        distributed.KeyedRows(ImageFiles(paths, labels, transforms(cfg, train=True), cfg.decode_once), seed),
+        batch_sampler=batches,
         collate_fn=distributed.collate, num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
         pin_memory=device.startswith("cuda"))
     opt = torch.optim.SGD(_param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
