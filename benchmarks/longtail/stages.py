@@ -57,7 +57,7 @@ REAL_ONLY = "real"
 PRIOR_TEXT = {"all": "all training images (generated ones included)", "real": "the real training images only"}
 PRIORS = tuple(PRIOR_TEXT)
 # settings that change how fast a run goes, not what it learns
-_NOT_RECIPE = ("num_workers", "eval_batch_size", "device")
+_NOT_RECIPE = ("num_workers", "decode_once", "eval_batch_size", "device")
 
 
 @dataclass
